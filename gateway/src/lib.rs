@@ -1,0 +1,1 @@
+//! LeadRelay gateway: turns Hana and Pipedrive webhooks into orchestrator gRPC calls

@@ -1,0 +1,1 @@
+//! LeadRelay Hana adapter: Hana's update API behind gRPC

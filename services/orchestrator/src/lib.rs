@@ -1,0 +1,1 @@
+//! LeadRelay orchestrator: durable store, event ingest, sync jobs and the admin API

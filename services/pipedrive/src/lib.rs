@@ -1,0 +1,1 @@
+//! LeadRelay Pipedrive adapter: Pipedrive API v2 behind gRPC

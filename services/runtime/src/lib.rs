@@ -1,0 +1,13 @@
+//! The runtime every LeadRelay service shares: settings ([`config`]), logs and traces
+//! ([`telemetry`], [`propagation`]), the gRPC server bootstrap with health and reflection
+//! ([`grpc`]), graceful shutdown ([`shutdown`]) and what every adapter answers before its logic
+//! exists or while its credentials are missing ([`adapter`]).
+
+pub mod adapter;
+pub mod config;
+pub mod grpc;
+pub mod propagation;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{ConfigError, Settings};

@@ -1,0 +1,1 @@
+//! LeadRelay SalesMan adapter: SalesMan leads API v1 behind gRPC
