@@ -1,1 +1,28 @@
-fn main() {}
+//! `leadrelay`: runs any LeadRelay service by subcommand, all of them with `up`, and the operator
+//! commands.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod healthcheck;
+mod services;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(cli::run(cli))
+}

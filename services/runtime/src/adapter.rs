@@ -7,7 +7,9 @@ use leadrelay_proto::v1::{
     UpsertDealRequest, UpsertDealResponse, UpsertLeadRequest, UpsertLeadResponse,
     crm_sync_service_server::CrmSyncService,
 };
-use tonic::{GrpcMethod, Request, Response, Status};
+use tonic::{Request, Response, Status};
+
+use crate::grpc::RpcPath;
 
 /// Whether an adapter's credentials are set, and which variables are missing if not.
 #[derive(Clone, Debug)]
@@ -53,11 +55,8 @@ impl Credentials {
 pub fn not_implemented<T>(request: &Request<T>) -> Status {
     let rpc = request
         .extensions()
-        .get::<GrpcMethod<'static>>()
-        .map_or_else(
-            || "this RPC".to_owned(),
-            |method| format!("{}/{}", method.service(), method.method()),
-        );
+        .get::<RpcPath>()
+        .map_or("this RPC", RpcPath::rpc);
     Status::unimplemented(format!("{rpc} is not implemented in this LeadRelay build"))
 }
 
@@ -196,7 +195,7 @@ mod tests {
         let mut request = Request::new(());
         request
             .extensions_mut()
-            .insert(GrpcMethod::new("leadrelay.v1.CrmSyncService", "UpsertLead"));
+            .insert(RpcPath::new("/leadrelay.v1.CrmSyncService/UpsertLead"));
         let status = pending_adapter_rpc(&credentials, &request);
         assert_eq!(status.code(), tonic::Code::Unimplemented);
         assert!(

@@ -1,4 +1,4 @@
-//! Logs and traces: one `tracing` subscriber per process with text or JSON lines, `RUST_LOG`
+//! Logs and traces: one `tracing` subscriber per process with text or JSON lines on stderr, `RUST_LOG`
 //! filtering, and an OpenTelemetry layer so that spans carry W3C trace context across services.
 
 use opentelemetry::{global, trace::TracerProvider as _};
@@ -61,11 +61,16 @@ pub fn init(
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     match settings.log_format {
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false),
+            )
             .try_init()?,
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
                     .json()
                     .flatten_event(true)
                     .with_current_span(true),

@@ -1,0 +1,180 @@
+//! Webhook endpoints: authenticate, bound the body, hand the call to the orchestrator, and answer
+//! 2xx only once it says the call is stored.
+
+use std::{sync::Arc, time::SystemTime};
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, Query, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+};
+use leadrelay_proto::v1::{
+    HanaEventKind, IngestHanaEventRequest, IngestPipedriveEventRequest, PipedriveEventOrigin,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    AppState, INGEST_DEADLINE,
+    auth::{TOKEN_HEADER, secret_matches},
+    error::GatewayError,
+};
+
+/// Maps the `{event}` of `/webhooks/hana/{event}` to an event kind; `ticket.*` are aliases of
+/// `opportunity.*`, as Hana calls opportunities tickets.
+pub fn hana_event_kind(name: &str) -> Option<HanaEventKind> {
+    let kind = match name {
+        "lead.created" => HanaEventKind::LeadCreated,
+        "lead.updated" => HanaEventKind::LeadUpdated,
+        "lead.deleted" => HanaEventKind::LeadDeleted,
+        "opportunity.created" | "ticket.created" => HanaEventKind::OpportunityCreated,
+        "opportunity.updated" | "ticket.updated" => HanaEventKind::OpportunityUpdated,
+        "opportunity.deleted" | "ticket.deleted" => HanaEventKind::OpportunityDeleted,
+        _ => return None,
+    };
+    Some(kind)
+}
+
+/// `?token=` on Hana webhook URLs.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The 2xx body.
+#[derive(Debug, Serialize)]
+pub(crate) struct Accepted {
+    status: &'static str,
+    event_id: String,
+    duplicate: bool,
+}
+
+impl Accepted {
+    fn new(event_id: String, duplicate: bool) -> Json<Self> {
+        Json(Self {
+            status: "accepted",
+            event_id,
+            duplicate,
+        })
+    }
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, GatewayError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            GatewayError::TooLarge
+        } else {
+            GatewayError::BadBody(rejection.body_text())
+        }
+    })
+}
+
+/// `POST /webhooks/hana/{event}`.
+pub(crate) async fn hana(
+    State(state): State<Arc<AppState>>,
+    Path(event): Path<String>,
+    query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Accepted>, GatewayError> {
+    let presented = query.ok().and_then(|Query(query)| query.token).or_else(|| {
+        headers
+            .get(TOKEN_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    });
+    let authenticated = presented
+        .as_deref()
+        .is_some_and(|token| secret_matches(token, &state.config.hana_webhook_token));
+    if !authenticated {
+        return Err(GatewayError::Unauthorized(
+            "missing or wrong webhook token: put it in ?token= or the X-LeadRelay-Token header",
+        ));
+    }
+    let kind = hana_event_kind(&event).ok_or_else(|| {
+        GatewayError::NotFound(format!(
+            "unknown Hana event '{event}'; use lead.created, lead.updated, lead.deleted, opportunity.created, opportunity.updated or opportunity.deleted (ticket.* also accepted)"
+        ))
+    })?;
+    let raw_body = read_body(body)?;
+
+    let mut request = tonic::Request::new(IngestHanaEventRequest {
+        kind: kind.into(),
+        raw_body: raw_body.to_vec(),
+        body: None,
+        received_at: Some(SystemTime::now().into()),
+    });
+    request.set_timeout(INGEST_DEADLINE);
+    let answer = state
+        .orchestrator
+        .clone()
+        .ingest_hana_event(request)
+        .await
+        .map_err(|status| GatewayError::from_ingest_status(&status))?
+        .into_inner();
+    Ok(Accepted::new(answer.event_id, answer.duplicate))
+}
+
+/// `POST /webhooks/pipedrive`.
+pub(crate) async fn pipedrive(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Accepted>, GatewayError> {
+    let Some(credentials) = &state.config.pipedrive_webhook else {
+        return Err(GatewayError::NotFound(
+            "the Pipedrive webhook endpoint is off: set LEADRELAY_PIPEDRIVE_WEBHOOK_USER and LEADRELAY_PIPEDRIVE_WEBHOOK_PASSWORD".to_owned(),
+        ));
+    };
+    let authenticated = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| credentials.matches_header(value));
+    if !authenticated {
+        return Err(GatewayError::BasicAuthRequired(
+            "missing or wrong Basic auth: use the user and password registered with the Pipedrive webhook",
+        ));
+    }
+    let raw_body = read_body(body)?;
+
+    let mut request = tonic::Request::new(IngestPipedriveEventRequest {
+        origin: PipedriveEventOrigin::Webhook.into(),
+        raw_body: raw_body.to_vec(),
+        ..Default::default()
+    });
+    request.set_timeout(INGEST_DEADLINE);
+    let answer = state
+        .orchestrator
+        .clone()
+        .ingest_pipedrive_event(request)
+        .await
+        .map_err(|status| GatewayError::from_ingest_status(&status))?
+        .into_inner();
+    Ok(Accepted::new(answer.event_id, answer.duplicate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticket_events_are_aliases_of_opportunity_events() {
+        assert_eq!(
+            hana_event_kind("ticket.created"),
+            Some(HanaEventKind::OpportunityCreated)
+        );
+        assert_eq!(
+            hana_event_kind("ticket.updated"),
+            Some(HanaEventKind::OpportunityUpdated)
+        );
+        assert_eq!(
+            hana_event_kind("ticket.deleted"),
+            hana_event_kind("opportunity.deleted")
+        );
+        assert_eq!(
+            hana_event_kind("lead.updated"),
+            Some(HanaEventKind::LeadUpdated)
+        );
+        assert_eq!(hana_event_kind("lead.merged"), None);
+    }
+}
