@@ -60,6 +60,10 @@ pub(crate) async fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(Err(error)) = service.map(|kind| kind.preflight(&settings)) {
+        eprintln!("error: {error}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let name = service.map_or("leadrelay", ServiceKind::name);
     let _telemetry = match telemetry::init(&settings.telemetry, name) {
         Ok(guard) => guard,
@@ -75,8 +79,8 @@ pub(crate) async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            // Logged once, through the configured log format, so it reaches the log pipeline.
             tracing::error!("{error:#}");
-            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use leadrelay_runtime::{Settings, shutdown::cancel_on_signal};
+use leadrelay_gateway::GatewayConfig;
+use leadrelay_runtime::{ConfigError, Settings, shutdown::cancel_on_signal};
 use tokio::net::TcpListener;
 
 /// A service run on its own by a subcommand.
@@ -31,6 +32,14 @@ impl ServiceKind {
         }
     }
 
+    /// Checks what this service needs beyond the common settings, before anything starts.
+    pub(crate) fn preflight(self, settings: &Settings) -> Result<(), ConfigError> {
+        if self == Self::Gateway {
+            GatewayConfig::from_settings(settings)?;
+        }
+        Ok(())
+    }
+
     /// Runs the service until a stop signal, or the migration once.
     pub(crate) async fn run(self, settings: Settings) -> anyhow::Result<()> {
         let listen = settings.listen;
@@ -48,8 +57,9 @@ impl ServiceKind {
                 store.close().await;
             }
             Self::Gateway => {
+                let config = GatewayConfig::from_settings(&settings)?;
                 let listener = bind("LEADRELAY_GATEWAY_LISTEN", listen.gateway).await?;
-                leadrelay_gateway::serve(&settings, listener, shutdown).await?;
+                leadrelay_gateway::serve(config, listener, shutdown).await?;
             }
             Self::Orchestrator => {
                 let listener = bind("LEADRELAY_ORCHESTRATOR_LISTEN", listen.orchestrator).await?;

@@ -56,6 +56,7 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
         }
     };
 
+    let gateway_config = leadrelay_gateway::GatewayConfig::from_settings(&settings)?;
     let store = leadrelay_orchestrator::open_store(&settings).await?;
     let database = store.database().to_owned();
     let shutdown = cancel_on_signal();
@@ -89,9 +90,9 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
         });
     }
     {
-        let (settings, shutdown) = (settings.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
         services.spawn(async move {
-            let result = leadrelay_gateway::serve(&settings, gateway, shutdown).await;
+            let result = leadrelay_gateway::serve(gateway_config, gateway, shutdown).await;
             ("gateway", result.map_err(anyhow::Error::from))
         });
     }

@@ -16,7 +16,7 @@ use axum::{
 };
 use leadrelay_proto::v1::orchestrator_service_client::OrchestratorServiceClient;
 use leadrelay_runtime::{
-    Settings,
+    ConfigError, Settings,
     propagation::{ServerSpan, TracedChannel, connect_lazy},
 };
 use secrecy::SecretString;
@@ -40,14 +40,6 @@ pub const INGEST_DEADLINE: Duration = Duration::from_secs(3);
 /// The gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayStartError {
-    /// A required setting is missing.
-    #[error("{variable}: {message}")]
-    Setting {
-        /// The variable to set.
-        variable: &'static str,
-        /// What is wrong.
-        message: &'static str,
-    },
     /// The orchestrator URL is unusable.
     #[error("LEADRELAY_ORCHESTRATOR_URL: {0}")]
     OrchestratorUrl(#[from] tonic::transport::Error),
@@ -68,13 +60,13 @@ pub struct GatewayConfig {
 
 impl GatewayConfig {
     /// The gateway's configuration from the settings; the Hana webhook token is required.
-    pub fn from_settings(settings: &Settings) -> Result<Self, GatewayStartError> {
-        let hana_webhook_token = settings.hana.webhook_token.clone().ok_or(
-            GatewayStartError::Setting {
-                variable: "LEADRELAY_HANA_WEBHOOK_TOKEN",
-                message: "required by the gateway: the secret Hana puts in the webhook URL (`leadrelay up` generates one)",
-            },
-        )?;
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let hana_webhook_token = settings.hana.webhook_token.clone().ok_or_else(|| {
+            ConfigError::required(
+                "LEADRELAY_HANA_WEBHOOK_TOKEN",
+                "by the gateway: the secret Hana puts in the webhook URL (`leadrelay up` generates one)",
+            )
+        })?;
         let pipedrive_webhook = match (
             &settings.pipedrive.webhook_user,
             &settings.pipedrive.webhook_password,
@@ -120,11 +112,11 @@ pub fn router(config: GatewayConfig) -> Result<Router, GatewayStartError> {
 
 /// Serves the gateway on `listener` until `shutdown` is cancelled.
 pub async fn serve(
-    settings: &Settings,
+    config: GatewayConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayStartError> {
-    let app = router(GatewayConfig::from_settings(settings)?)?;
+    let app = router(config)?;
     tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

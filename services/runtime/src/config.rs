@@ -29,6 +29,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// A setting that one service requires but that is not set.
+    pub fn required(variable: &'static str, why: &str) -> Self {
+        Self::new(variable, format!("required {why}"))
+    }
+
     fn new(source_name: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             source_name: source_name.into(),

@@ -1,0 +1,145 @@
+//! The command line outside `up`: help, configuration errors, `migrate`, `healthcheck`.
+
+use std::process::Output;
+
+use crate::support::{TestResult, Up, leadrelay};
+
+fn stderr_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn help_is_available_everywhere() -> TestResult {
+    let commands: &[&[&str]] = &[
+        &["--help"],
+        &["up", "--help"],
+        &["gateway", "--help"],
+        &["orchestrator", "--help"],
+        &["hana-adapter", "--help"],
+        &["pipedrive-adapter", "--help"],
+        &["salesman-adapter", "--help"],
+        &["healthcheck", "--help"],
+        &["migrate", "--help"],
+    ];
+    for args in commands {
+        let output = leadrelay().args(*args).output()?;
+        assert!(output.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("Usage: leadrelay"), "{args:?}: {text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_settings_stop_start_up_with_one_line_naming_the_variable() -> TestResult {
+    let folder = tempfile::tempdir()?;
+    let cases = [
+        ("LEADRELAY_DATABASE_URL", "mysql://x"),
+        ("LEADRELAY_PIPEDRIVE_RATE_LIMIT", "abc"),
+        ("LEADRELAY_SALESMAN_POLL_INTERVAL", "soon"),
+        ("LEADRELAY_GATEWAY_LISTEN", "everywhere"),
+    ];
+    for (variable, value) in cases {
+        for command in ["up", "orchestrator", "gateway"] {
+            let output = leadrelay()
+                .arg(command)
+                .current_dir(folder.path())
+                .env(variable, value)
+                .output()?;
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{command} with {variable}={value}"
+            );
+            let lines = stderr_lines(&output);
+            assert_eq!(lines.len(), 1, "{command} with {variable}: {lines:?}");
+            assert!(
+                lines[0].starts_with(&format!("error: {variable}: ")),
+                "{lines:?}"
+            );
+        }
+    }
+    assert!(
+        !folder.path().join("data").exists(),
+        "nothing is created on bad settings"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_gateway_alone_requires_a_webhook_token() -> TestResult {
+    let output = leadrelay()
+        .arg("gateway")
+        .env("LEADRELAY_GATEWAY_LISTEN", "127.0.0.1:0")
+        .output()?;
+    assert_eq!(output.status.code(), Some(2));
+    let lines = stderr_lines(&output);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("error: LEADRELAY_HANA_WEBHOOK_TOKEN: required by the gateway"),
+        "{lines:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn migrate_creates_and_then_leaves_the_schema() -> TestResult {
+    let folder = tempfile::tempdir()?;
+    let url = format!("sqlite://{}/state/lr.db", folder.path().display());
+    let first = leadrelay()
+        .arg("migrate")
+        .env("LEADRELAY_DATABASE_URL", &url)
+        .output()?;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let text = String::from_utf8_lossy(&first.stdout);
+    assert!(text.starts_with("applied 1 migration(s);"), "{text}");
+    assert!(folder.path().join("state/lr.db").exists());
+
+    let second = leadrelay()
+        .arg("migrate")
+        .env("LEADRELAY_DATABASE_URL", &url)
+        .output()?;
+    assert!(String::from_utf8_lossy(&second.stdout).starts_with("applied 0 migration(s);"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn healthcheck_exits_zero_only_for_a_serving_service() -> TestResult {
+    let folder = tempfile::tempdir()?;
+    let up = Up::start(folder.path(), &[])?;
+    let addr = up.addr("orchestrator").to_string();
+
+    let serving = leadrelay().args(["healthcheck", &addr]).output()?;
+    assert!(serving.status.success());
+    assert_eq!(String::from_utf8_lossy(&serving.stdout).trim(), "SERVING");
+
+    let named = leadrelay()
+        .args([
+            "healthcheck",
+            &format!("http://{addr}"),
+            "--service",
+            "leadrelay.v1.OrchestratorService",
+        ])
+        .output()?;
+    assert!(named.status.success());
+
+    let unknown = leadrelay()
+        .args(["healthcheck", &addr, "--service", "no.such.Service"])
+        .output()?;
+    assert_eq!(unknown.status.code(), Some(1));
+
+    let closed = leadrelay()
+        .args(["healthcheck", "127.0.0.1:1", "--timeout", "1"])
+        .output()?;
+    assert_eq!(closed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&closed.stderr).contains("NOT_REACHABLE"));
+    Ok(())
+}

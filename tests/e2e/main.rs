@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `leadrelay` binary, its services talking real gRPC over loopback,
+//! probed the way operators and peers do.
+
+mod cli;
+mod support;
+mod up;

@@ -1,0 +1,186 @@
+//! Starting `leadrelay up` on random ports in a scratch folder, and talking to it.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The binary under test.
+pub(crate) fn leadrelay() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_leadrelay"));
+    // Nothing from the developer's shell leaks into a test's settings.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("LEADRELAY_") || name.starts_with("OTEL_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("RUST_LOG", "info");
+    command
+}
+
+/// Every listener on a random loopback port, so tests run side by side.
+const RANDOM_PORTS: &[(&str, &str)] = &[
+    ("LEADRELAY_GATEWAY_LISTEN", "127.0.0.1:0"),
+    ("LEADRELAY_ORCHESTRATOR_LISTEN", "127.0.0.1:0"),
+    ("LEADRELAY_HANA_LISTEN", "127.0.0.1:0"),
+    ("LEADRELAY_PIPEDRIVE_LISTEN", "127.0.0.1:0"),
+    ("LEADRELAY_SALESMAN_LISTEN", "127.0.0.1:0"),
+    ("LEADRELAY_METRICS_LISTEN", "127.0.0.1:0"),
+];
+
+/// A running `leadrelay up`, killed when dropped.
+pub(crate) struct Up {
+    child: Option<Child>,
+    /// The addresses from the banner, by service name.
+    pub(crate) addrs: HashMap<String, SocketAddr>,
+    /// The Hana webhook URL template from the banner, `…/webhooks/hana/{event}?token=…`.
+    pub(crate) webhook_url: String,
+    /// Where stderr (the logs) goes.
+    pub(crate) log_path: PathBuf,
+}
+
+impl Up {
+    /// Starts `leadrelay up` in `folder` with `env` on top of random ports, and waits for its
+    /// banner.
+    pub(crate) fn start(folder: &Path, env: &[(&str, &str)]) -> Result<Self, Error> {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let log_path = folder.join(format!("up-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = leadrelay();
+        command
+            .arg("up")
+            .current_dir(folder)
+            .envs(RANDOM_PORTS.iter().copied())
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut up = Self {
+            child: Some(child),
+            addrs: HashMap::new(),
+            webhook_url: String::new(),
+            log_path,
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let mut expect_url = false;
+        for line in lines.by_ref() {
+            let line = line?;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if expect_url {
+                up.webhook_url = words.first().copied().unwrap_or_default().to_owned();
+                expect_url = false;
+            } else if line.starts_with("Hana webhook URL") {
+                expect_url = true;
+            } else if line.starts_with("Stop with") {
+                break;
+            } else if let [name, addr, ..] = words.as_slice() {
+                let addr = addr.trim_start_matches("http://");
+                if let Ok(addr) = addr.parse() {
+                    up.addrs.insert((*name).to_owned(), addr);
+                }
+            }
+        }
+        if up.addrs.len() != 5 || up.webhook_url.is_empty() {
+            return Err(
+                format!("leadrelay up did not announce itself; logs:\n{}", up.logs()).into(),
+            );
+        }
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(up)
+    }
+
+    /// The address of a service by its banner name (`gateway`, `orchestrator`, …).
+    pub(crate) fn addr(&self, service: &str) -> SocketAddr {
+        self.addrs[service]
+    }
+
+    /// The gateway's base URL.
+    pub(crate) fn gateway_url(&self) -> String {
+        format!("http://{}", self.addr("gateway"))
+    }
+
+    /// The Hana webhook URL for one event.
+    pub(crate) fn hana_webhook(&self, event: &str) -> String {
+        self.webhook_url.replace("{event}", event)
+    }
+
+    /// The token in the webhook URL.
+    pub(crate) fn webhook_token(&self) -> String {
+        self.webhook_url
+            .split_once("token=")
+            .map(|(_, token)| token.to_owned())
+            .unwrap_or_default()
+    }
+
+    /// A gRPC channel to a service by its banner name.
+    pub(crate) async fn channel(&self, service: &str) -> Result<Channel, Error> {
+        Ok(
+            Channel::from_shared(format!("http://{}", self.addr(service)))?
+                .connect()
+                .await?,
+        )
+    }
+
+    /// The process's logs so far.
+    pub(crate) fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends `signal` (e.g. "TERM") and waits for the exit; returns the status and how long it took.
+    pub(crate) fn stop_with(&mut self, signal: &str) -> Result<(ExitStatus, Duration), Error> {
+        let mut child = self.child.take().ok_or("already stopped")?;
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()?;
+        if !sent.success() {
+            return Err("kill failed".into());
+        }
+        let deadline = started + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, started.elapsed()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("leadrelay did not stop within 15 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Asks a gRPC server for the health of `service` ("" for the whole server).
+pub(crate) async fn health(channel: Channel, service: &str) -> Result<ServingStatus, Error> {
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?;
+    Ok(answer.into_inner().status())
+}
