@@ -42,8 +42,8 @@ impl ServiceKind {
 
     /// Runs the service until a stop signal, or the migration once.
     pub(crate) async fn run(self, settings: Settings) -> anyhow::Result<()> {
-        let listen = settings.listen;
         let shutdown = cancel_on_signal();
+        let listen = settings.listen;
         match self {
             Self::Migrate => {
                 let store = leadrelay_orchestrator::Store::connect(&settings.database_url).await?;

@@ -27,6 +27,8 @@ const TOKEN_FILE: &str = "hana-webhook-token";
 
 /// Runs every service until a stop signal or until one of them fails.
 pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
+    // First, so that a stop signal during start-up is a clean stop too.
+    let shutdown = cancel_on_signal();
     let listen = settings.listen;
     let gateway = bind("LEADRELAY_GATEWAY_LISTEN", listen.gateway).await?;
     let orchestrator = bind("LEADRELAY_ORCHESTRATOR_LISTEN", listen.orchestrator).await?;
@@ -59,7 +61,6 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let gateway_config = leadrelay_gateway::GatewayConfig::from_settings(&settings)?;
     let store = leadrelay_orchestrator::open_store(&settings).await?;
     let database = store.database().to_owned();
-    let shutdown = cancel_on_signal();
     let mut services: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     {
         let shutdown = shutdown.clone();
@@ -99,17 +100,21 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
 
     print_banner(&settings, &bound, &database, token_origin);
 
-    // Any service ending before the stop signal is a failure: stop the others and report it.
+    // Any service ending on its own, before a stop signal, is a failure: stop the others and
+    // report it. A service that ends because a stop signal has just arrived is not.
     let failure = tokio::select! {
-        joined = services.join_next() => joined.map(|joined| {
-            let (name, result) = joined.context("a service task panicked")?;
-            let error = result.err().unwrap_or_else(|| anyhow::anyhow!("stopped unexpectedly"));
-            anyhow::Ok(error.context(format!("{name} failed")))
-        }),
+        biased;
         () = shutdown.cancelled() => None,
+        joined = services.join_next() => match joined {
+            Some(Ok((_, Ok(())))) if shutdown.is_cancelled() => None,
+            Some(Ok((name, result))) => {
+                let error = result.err().unwrap_or_else(|| anyhow::anyhow!("stopped unexpectedly"));
+                Some(error.context(format!("{name} failed")))
+            }
+            Some(Err(panic)) => Some(anyhow::Error::new(panic).context("a service task panicked")),
+            None => None,
+        },
     };
-    // A panicked task and a failed one both end the process with their error.
-    let failure = failure.map(|outcome| outcome.unwrap_or_else(|panic| panic));
     shutdown.cancel();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_millis(500), async {
         while let Some(joined) = services.join_next().await {

@@ -18,6 +18,7 @@ use leadrelay_proto::v1::orchestrator_service_client::OrchestratorServiceClient;
 use leadrelay_runtime::{
     ConfigError, Settings,
     propagation::{ServerSpan, TracedChannel, connect_lazy},
+    shutdown::drain_bounded,
 };
 use secrecy::SecretString;
 use tokio::net::TcpListener;
@@ -118,9 +119,13 @@ pub async fn serve(
 ) -> Result<(), GatewayStartError> {
     let app = router(config)?;
     tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    let draining = shutdown.clone();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { draining.cancelled().await })
+        .into_future();
+    if let Some(result) = drain_bounded(server, &shutdown, "gateway").await {
+        result?;
+    }
     tracing::info!("gateway stopped");
     Ok(())
 }

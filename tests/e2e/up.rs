@@ -107,7 +107,9 @@ async fn every_service_is_serving_with_health_and_reflection() -> TestResult {
 async fn sigterm_stops_up_within_five_seconds_with_exit_code_zero() -> TestResult {
     let folder = tempfile::tempdir()?;
     let mut up = Up::start(folder.path(), &[])?;
-    // Open connections, as a real deployment has, before asking it to stop.
+    // Open connections, as a real deployment has, before asking it to stop. `stop_with` blocks
+    // this test's runtime, so this client cannot even answer the server's GOAWAY: the worst kind
+    // of peer, which the drain timeout must still bound.
     let channel = up.channel("orchestrator").await?;
     assert_eq!(health(channel.clone(), "").await?, ServingStatus::Serving);
     let ready = reqwest::get(format!("{}/readyz", up.gateway_url())).await?;
@@ -176,7 +178,9 @@ async fn the_gateway_answers_probes_and_refuses_unauthenticated_webhooks() -> Te
         "{json}"
     );
 
-    let too_large = http
+    // The server closes the connection instead of reading an oversized body, so this request gets
+    // a client of its own: a pooled connection would be dead for the next request.
+    let too_large = reqwest::Client::new()
         .post(up.hana_webhook("lead.created"))
         .body(vec![b' '; 2 * 1024 * 1024])
         .send()

@@ -13,7 +13,7 @@ use tonic::{
 use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
-use crate::{propagation::ServerSpan, shutdown::DRAIN_TIMEOUT};
+use crate::{propagation::ServerSpan, shutdown::drain_bounded};
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
@@ -90,7 +90,7 @@ impl GrpcServer {
     }
 
     /// Serves on `listener` until `shutdown` is cancelled, then drains in-flight calls for at most
-    /// [`DRAIN_TIMEOUT`].
+    /// [`crate::shutdown::DRAIN_TIMEOUT`].
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -131,15 +131,8 @@ impl GrpcServer {
                         .await;
                 }
             });
-        tokio::pin!(serve);
-        tokio::select! {
-            result = &mut serve => result?,
-            () = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(DRAIN_TIMEOUT).await;
-            } => {
-                tracing::warn!(service = self.name, "in-flight calls did not finish in time; closing them");
-            }
+        if let Some(result) = drain_bounded(serve, &shutdown, self.name).await {
+            result?;
         }
         tracing::info!(service = self.name, "gRPC server stopped");
         Ok(())

@@ -1,13 +1,15 @@
 //! Graceful shutdown: the first SIGINT or SIGTERM asks every server and worker to drain; a second
 //! one exits at once.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-/// How long servers may take to finish in-flight calls after a stop signal. Kubernetes gives a pod
-/// 30 s by default; LeadRelay stops well inside that, and inside the 5 s operators expect.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long servers may take to finish in-flight calls after a stop signal, and to see clients
+/// close their connections. Kubernetes gives a pod 30 s by default; LeadRelay stops inside the 5 s
+/// operators expect even when a client ignores the server's GOAWAY. Work cut off here is not lost:
+/// nothing is acknowledged before it is committed, and jobs are retried.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Waits for SIGINT or SIGTERM and returns the signal's name.
 pub async fn wait_for_signal() -> &'static str {
@@ -51,4 +53,23 @@ pub fn cancel_on_signal() -> CancellationToken {
         std::process::exit(130);
     });
     token
+}
+
+/// Runs a server future that stops by itself once `shutdown` is cancelled, but gives it at most
+/// [`DRAIN_TIMEOUT`] from then on. Returns `None` when the drain was cut short.
+pub async fn drain_bounded<F: Future>(
+    server: F,
+    shutdown: &CancellationToken,
+    service: &'static str,
+) -> Option<F::Output> {
+    tokio::select! {
+        output = server => Some(output),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(service, "in-flight calls did not finish in time; closing them");
+            None
+        }
+    }
 }
