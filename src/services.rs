@@ -64,7 +64,8 @@ impl ServiceKind {
             Self::Orchestrator => {
                 let listener = bind("LEADRELAY_ORCHESTRATOR_LISTEN", listen.orchestrator).await?;
                 let store = leadrelay_orchestrator::open_store(&settings).await?;
-                leadrelay_orchestrator::serve(store, listener, shutdown).await?;
+                let policy = leadrelay_orchestrator::ingest_policy(&settings);
+                leadrelay_orchestrator::serve(store, policy, listener, shutdown).await?;
             }
             Self::HanaAdapter => {
                 let listener = bind("LEADRELAY_HANA_LISTEN", listen.hana).await?;

@@ -60,12 +60,13 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
 
     let gateway_config = leadrelay_gateway::GatewayConfig::from_settings(&settings)?;
     let store = leadrelay_orchestrator::open_store(&settings).await?;
+    let policy = leadrelay_orchestrator::ingest_policy(&settings);
     let database = store.database().to_owned();
     let mut services: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     {
         let shutdown = shutdown.clone();
         services.spawn(async move {
-            let result = leadrelay_orchestrator::serve(store, orchestrator, shutdown).await;
+            let result = leadrelay_orchestrator::serve(store, policy, orchestrator, shutdown).await;
             ("orchestrator", result.map_err(anyhow::Error::from))
         });
     }

@@ -3,6 +3,7 @@
 
 mod auth;
 mod error;
+pub mod hana_body;
 mod webhooks;
 
 use std::{sync::Arc, time::Duration};
@@ -103,6 +104,7 @@ pub fn router(config: GatewayConfig) -> Result<Router, GatewayStartError> {
     Ok(Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/webhooks/hana", post(webhooks::hana_without_event))
         .route("/webhooks/hana/{event}", post(webhooks::hana))
         .route("/webhooks/pipedrive", post(webhooks::pipedrive))
         .fallback(not_found)

@@ -11,6 +11,7 @@ use axum::{
 };
 use leadrelay_proto::v1::{
     HanaEventKind, IngestHanaEventRequest, IngestPipedriveEventRequest, PipedriveEventOrigin,
+    UnparsedBody, ingest_hana_event_request::Body,
 };
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,7 @@ use crate::{
     AppState, INGEST_DEADLINE,
     auth::{TOKEN_HEADER, secret_matches},
     error::GatewayError,
+    hana_body::parse_hana_body,
 };
 
 /// Maps the `{event}` of `/webhooks/hana/{event}` to an event kind; `ticket.*` are aliases of
@@ -77,6 +79,26 @@ pub(crate) async fn hana(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, GatewayError> {
+    hana_call(state, Some(event), query, headers, body).await
+}
+
+/// `POST /webhooks/hana`: the event kind comes from the body's `event_name`.
+pub(crate) async fn hana_without_event(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Accepted>, GatewayError> {
+    hana_call(state, None, query, headers, body).await
+}
+
+async fn hana_call(
+    state: Arc<AppState>,
+    event: Option<String>,
+    query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Accepted>, GatewayError> {
     let presented = query.ok().and_then(|Query(query)| query.token).or_else(|| {
         headers
             .get(TOKEN_HEADER)
@@ -91,17 +113,27 @@ pub(crate) async fn hana(
             "missing or wrong webhook token: put it in ?token= or the X-LeadRelay-Token header",
         ));
     }
-    let kind = hana_event_kind(&event).ok_or_else(|| {
-        GatewayError::NotFound(format!(
-            "unknown Hana event '{event}'; use lead.created, lead.updated, lead.deleted, opportunity.created, opportunity.updated or opportunity.deleted (ticket.* also accepted)"
-        ))
-    })?;
+    let kind = match event {
+        None => HanaEventKind::Unspecified,
+        Some(event) => hana_event_kind(&event).ok_or_else(|| {
+            GatewayError::NotFound(format!(
+                "unknown Hana event '{event}'; use lead.created, lead.updated, lead.deleted, opportunity.created, opportunity.updated or opportunity.deleted (ticket.* also accepted)"
+            ))
+        })?,
+    };
     let raw_body = read_body(body)?;
+    // An unparseable body is still stored (in quarantine, with the reason) and acknowledged.
+    let parsed = match parse_hana_body(&raw_body) {
+        Ok(webhook) => Body::Webhook(webhook),
+        Err(error) => Body::Unparsed(UnparsedBody {
+            reason: error.to_string(),
+        }),
+    };
 
     let mut request = tonic::Request::new(IngestHanaEventRequest {
         kind: kind.into(),
         raw_body: raw_body.to_vec(),
-        body: None,
+        body: Some(parsed),
         received_at: Some(SystemTime::now().into()),
     });
     request.set_timeout(INGEST_DEADLINE);

@@ -10,6 +10,8 @@
     clippy::large_enum_variant
 )]
 
+pub mod json;
+
 /// `leadrelay.v1`: the canonical model, `CrmSyncService` and `OrchestratorService`.
 pub mod v1 {
     tonic::include_proto!("leadrelay.v1");

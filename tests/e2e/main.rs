@@ -2,5 +2,6 @@
 //! probed the way operators and peers do.
 
 mod cli;
+mod hana_ingest;
 mod support;
 mod up;

@@ -9,7 +9,7 @@ use leadrelay_proto::{
     },
     service_names,
     v1::{
-        GetCapabilitiesRequest, GetStatsRequest, crm_sync_service_client::CrmSyncServiceClient,
+        GetCapabilitiesRequest, ListJobsRequest, crm_sync_service_client::CrmSyncServiceClient,
         orchestrator_service_client::OrchestratorServiceClient,
     },
 };
@@ -307,15 +307,15 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
 
     let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
     let status = orchestrator
-        .get_stats(GetStatsRequest {})
+        .list_jobs(ListJobsRequest::default())
         .await
         .err()
-        .ok_or("GetStats is not built yet")?;
+        .ok_or("ListJobs is not built yet")?;
     assert_eq!(status.code(), Code::Unimplemented);
     assert!(
         status
             .message()
-            .starts_with("leadrelay.v1.OrchestratorService/GetStats")
+            .starts_with("leadrelay.v1.OrchestratorService/ListJobs")
     );
     assert!(!up.logs().contains("pd-test-token"));
     Ok(())

@@ -1,6 +1,10 @@
 //! The orchestrator: owns the durable store, ingests events, plans and runs sync jobs and serves
 //! the admin API (`leadrelay.v1.OrchestratorService`).
 
+pub mod ingest;
+pub mod mapping;
+pub mod queries;
+pub mod routes;
 pub mod service;
 pub mod store;
 
@@ -10,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+pub use ingest::IngestPolicy;
 pub use service::Orchestrator;
 pub use store::{Store, StoreError};
 
@@ -31,15 +36,22 @@ pub async fn open_store(settings: &Settings) -> Result<Store, StoreError> {
     Ok(store)
 }
 
+/// What ingest accepts, from the settings.
+pub fn ingest_policy(settings: &Settings) -> IngestPolicy {
+    IngestPolicy {
+        hana_application_ids: settings.hana.application_ids.clone(),
+    }
+}
+
 /// Serves the orchestrator on `listener` with an opened store until `shutdown` is cancelled.
 pub async fn serve(
     store: Store,
+    policy: IngestPolicy,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), OrchestratorError> {
-    let routes = Routes::new(OrchestratorServiceServer::new(Orchestrator::new(
-        store.clone(),
-    )));
+    let orchestrator = Orchestrator::new(store.clone(), policy);
+    let routes = Routes::new(OrchestratorServiceServer::new(orchestrator));
     let result = GrpcServer::new("orchestrator", routes, &[service_names::ORCHESTRATOR])
         .serve(listener, shutdown)
         .await;

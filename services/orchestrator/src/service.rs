@@ -2,53 +2,257 @@
 
 use leadrelay_proto::v1::{
     GetDealRequest, GetDealResponse, GetEventRequest, GetEventResponse, GetLeadRequest,
-    GetLeadResponse, GetStatsRequest, GetStatsResponse, IngestHanaEventRequest,
+    GetLeadResponse, GetStatsRequest, GetStatsResponse, HanaEventKind, IngestHanaEventRequest,
     IngestHanaEventResponse, IngestPipedriveEventRequest, IngestPipedriveEventResponse,
     ListEventsRequest, ListEventsResponse, ListJobsRequest, ListJobsResponse,
     ListQuarantinedRequest, ListQuarantinedResponse, ReplayDeadLettersRequest,
-    ReplayDeadLettersResponse, RetryJobRequest, RetryJobResponse, TriggerPollRequest,
-    TriggerPollResponse, orchestrator_service_server::OrchestratorService,
+    ReplayDeadLettersResponse, RetryJobRequest, RetryJobResponse, System, TriggerPollRequest,
+    TriggerPollResponse, get_deal_request, get_lead_request, ingest_hana_event_request,
+    orchestrator_service_server::OrchestratorService,
 };
-use leadrelay_runtime::{adapter::not_implemented, pending_rpcs};
-use tonic::{Request, Status};
+use leadrelay_runtime::{adapter::not_implemented, propagation::current_traceparent};
+use tonic::{Request, Response, Status};
 
-use crate::store::Store;
+use crate::{
+    ingest::{HanaCall, IngestError, IngestPolicy, Ingester, now_ms, timestamp},
+    queries::{self, EntityKey, Page},
+    store::{Store, StoreError},
+};
 
 /// The orchestrator's gRPC face.
 #[derive(Clone, Debug)]
 pub struct Orchestrator {
     store: Store,
+    ingester: Ingester,
 }
 
 impl Orchestrator {
-    /// An orchestrator over an opened, migrated store.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// An orchestrator over an opened, migrated store; starts its ingest writer.
+    pub fn new(store: Store, policy: IngestPolicy) -> Self {
+        let ingester = Ingester::start(store.clone(), policy);
+        Self { store, ingester }
     }
 
     /// The store this orchestrator owns.
     pub fn store(&self) -> &Store {
         &self.store
     }
+}
 
-    fn pending<T>(&self, request: &Request<T>) -> Status {
-        not_implemented(request)
+/// The one place store failures become gRPC statuses.
+fn store_status(error: &StoreError) -> Status {
+    match error {
+        StoreError::Corrupt(_) => Status::internal(error.to_string()),
+        StoreError::CreateFolder { .. }
+        | StoreError::Connect { .. }
+        | StoreError::Migrate { .. }
+        | StoreError::Query(_) => Status::unavailable(format!("the store is unavailable: {error}")),
     }
 }
 
-pending_rpcs! {
-    impl OrchestratorService for Orchestrator {
-        ingest_hana_event(IngestHanaEventRequest) -> IngestHanaEventResponse;
-        ingest_pipedrive_event(IngestPipedriveEventRequest) -> IngestPipedriveEventResponse;
-        get_lead(GetLeadRequest) -> GetLeadResponse;
-        get_deal(GetDealRequest) -> GetDealResponse;
-        list_events(ListEventsRequest) -> ListEventsResponse;
-        get_event(GetEventRequest) -> GetEventResponse;
-        list_jobs(ListJobsRequest) -> ListJobsResponse;
-        retry_job(RetryJobRequest) -> RetryJobResponse;
-        replay_dead_letters(ReplayDeadLettersRequest) -> ReplayDeadLettersResponse;
-        list_quarantined(ListQuarantinedRequest) -> ListQuarantinedResponse;
-        get_stats(GetStatsRequest) -> GetStatsResponse;
-        trigger_poll(TriggerPollRequest) -> TriggerPollResponse;
+impl From<IngestError> for Status {
+    fn from(error: IngestError) -> Self {
+        match error {
+            IngestError::Store(error) => store_status(&error),
+            IngestError::Stopped => Status::unavailable(error.to_string()),
+        }
+    }
+}
+
+fn entity_key<K>(
+    key: Option<K>,
+    id_of: impl FnOnce(K) -> Result<EntityKey, Status>,
+) -> Result<EntityKey, Status> {
+    let key = key.ok_or_else(|| Status::invalid_argument("set `id` or `remote`"))?;
+    id_of(key)
+}
+
+fn remote_key(remote: leadrelay_proto::v1::RemoteKey) -> Result<EntityKey, Status> {
+    let system = System::try_from(remote.system).unwrap_or(System::Unspecified);
+    if system == System::Unspecified || remote.remote_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "`remote` needs a `system` (SYSTEM_HANA, SYSTEM_PIPEDRIVE, SYSTEM_SALESMAN) and a `remote_id`",
+        ));
+    }
+    Ok(EntityKey::Remote {
+        system,
+        remote_id: remote.remote_id,
+    })
+}
+
+fn page(page_size: u32, page_token: &str) -> Result<Page, Status> {
+    Page::parse(page_size, page_token).map_err(Status::invalid_argument)
+}
+
+#[tonic::async_trait]
+impl OrchestratorService for Orchestrator {
+    async fn ingest_hana_event(
+        &self,
+        request: Request<IngestHanaEventRequest>,
+    ) -> Result<Response<IngestHanaEventResponse>, Status> {
+        let request = request.into_inner();
+        let body = match request.body {
+            Some(ingest_hana_event_request::Body::Webhook(webhook)) => Ok(webhook),
+            Some(ingest_hana_event_request::Body::Unparsed(unparsed)) => Err(unparsed.reason),
+            None => Err("the call carried no body".to_owned()),
+        };
+        let received_at_ms = request.received_at.map_or_else(now_ms, |at| {
+            at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
+        });
+        let call = HanaCall {
+            kind: HanaEventKind::try_from(request.kind).unwrap_or(HanaEventKind::Unspecified),
+            body,
+            raw_body: request.raw_body,
+            received_at_ms,
+            trace_context: current_traceparent(),
+        };
+        let outcome = self.ingester.ingest(call).await?;
+        tracing::debug!(event_id = %outcome.event_id, duplicate = outcome.duplicate, quarantined = outcome.quarantined, "hana event stored");
+        Ok(Response::new(IngestHanaEventResponse {
+            event_id: outcome.event_id,
+            duplicate: outcome.duplicate,
+            quarantined: outcome.quarantined,
+        }))
+    }
+
+    async fn ingest_pipedrive_event(
+        &self,
+        request: Request<IngestPipedriveEventRequest>,
+    ) -> Result<Response<IngestPipedriveEventResponse>, Status> {
+        Err(not_implemented(&request))
+    }
+
+    async fn get_lead(
+        &self,
+        request: Request<GetLeadRequest>,
+    ) -> Result<Response<GetLeadResponse>, Status> {
+        let key = entity_key(request.into_inner().key, |key| match key {
+            get_lead_request::Key::Id(id) => Ok(EntityKey::Id(id)),
+            get_lead_request::Key::Remote(remote) => remote_key(remote),
+        })?;
+        let lead = queries::get_lead(self.store.pool(), &key)
+            .await
+            .map_err(|error| store_status(&error))?
+            .ok_or_else(|| Status::not_found(format!("no lead {}", describe(&key))))?;
+        Ok(Response::new(GetLeadResponse { lead: Some(lead) }))
+    }
+
+    async fn get_deal(
+        &self,
+        request: Request<GetDealRequest>,
+    ) -> Result<Response<GetDealResponse>, Status> {
+        let key = entity_key(request.into_inner().key, |key| match key {
+            get_deal_request::Key::Id(id) => Ok(EntityKey::Id(id)),
+            get_deal_request::Key::Remote(remote) => remote_key(remote),
+        })?;
+        let deal = queries::get_deal(self.store.pool(), &key)
+            .await
+            .map_err(|error| store_status(&error))?
+            .ok_or_else(|| Status::not_found(format!("no deal {}", describe(&key))))?;
+        Ok(Response::new(GetDealResponse { deal: Some(deal) }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let request = request.into_inner();
+        let source = System::try_from(request.source).unwrap_or(System::Unspecified);
+        let (events, next_page_token) = queries::list_events(
+            self.store.pool(),
+            source,
+            page(request.page_size, &request.page_token)?,
+        )
+        .await
+        .map_err(|error| store_status(&error))?;
+        Ok(Response::new(ListEventsResponse {
+            events,
+            next_page_token,
+        }))
+    }
+
+    async fn get_event(
+        &self,
+        request: Request<GetEventRequest>,
+    ) -> Result<Response<GetEventResponse>, Status> {
+        let id = request.into_inner().id;
+        let (event, jobs) = queries::get_event(self.store.pool(), &id)
+            .await
+            .map_err(|error| store_status(&error))?
+            .ok_or_else(|| Status::not_found(format!("no event with id '{id}'")))?;
+        Ok(Response::new(GetEventResponse {
+            event: Some(event),
+            jobs,
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        Err(not_implemented(&request))
+    }
+
+    async fn retry_job(
+        &self,
+        request: Request<RetryJobRequest>,
+    ) -> Result<Response<RetryJobResponse>, Status> {
+        Err(not_implemented(&request))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: Request<ReplayDeadLettersRequest>,
+    ) -> Result<Response<ReplayDeadLettersResponse>, Status> {
+        Err(not_implemented(&request))
+    }
+
+    async fn list_quarantined(
+        &self,
+        request: Request<ListQuarantinedRequest>,
+    ) -> Result<Response<ListQuarantinedResponse>, Status> {
+        let request = request.into_inner();
+        let (calls, next_page_token) = queries::list_quarantined(
+            self.store.pool(),
+            page(request.page_size, &request.page_token)?,
+        )
+        .await
+        .map_err(|error| store_status(&error))?;
+        Ok(Response::new(ListQuarantinedResponse {
+            calls,
+            next_page_token,
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        _request: Request<GetStatsRequest>,
+    ) -> Result<Response<GetStatsResponse>, Status> {
+        let stats = queries::stats(self.store.pool())
+            .await
+            .map_err(|error| store_status(&error))?;
+        Ok(Response::new(GetStatsResponse {
+            events_total: stats.events,
+            duplicates_total: stats.duplicates,
+            quarantined_total: stats.quarantined,
+            jobs: stats.jobs,
+            oldest_pending_job_created_at: stats.oldest_pending_ms.map(timestamp),
+        }))
+    }
+
+    async fn trigger_poll(
+        &self,
+        request: Request<TriggerPollRequest>,
+    ) -> Result<Response<TriggerPollResponse>, Status> {
+        Err(not_implemented(&request))
+    }
+}
+
+fn describe(key: &EntityKey) -> String {
+    match key {
+        EntityKey::Id(id) => format!("with id '{id}'"),
+        EntityKey::Remote { system, remote_id } => {
+            format!("linked to {} id '{remote_id}'", system.as_str_name())
+        }
     }
 }

@@ -1,18 +1,22 @@
 //! The durable store: SQLite (embedded default, one replica) or Postgres (any number of
 //! replicas), with the same schema and migrations embedded in the binary.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{path::Path, time::Duration};
 
 use leadrelay_runtime::config::DatabaseUrl;
 use sqlx::{
-    PgPool, SqlitePool,
+    AnyPool, Executor,
+    any::{AnyPoolOptions, install_default_drivers},
     migrate::Migrator,
-    postgres::PgPoolOptions,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Settings every SQLite connection gets. WAL lets readers run beside the writer;
+/// `synchronous = FULL` makes an acknowledged event survive power loss, not only a crash.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
 
 /// The store could not be opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,9 @@ pub enum StoreError {
     /// A query failed.
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    /// A stored row could not be decoded.
+    #[error("a stored record could not be decoded: {0}")]
+    Corrupt(String),
 }
 
 /// What `migrate` did.
@@ -55,84 +62,82 @@ pub struct MigrationReport {
     pub version: i64,
 }
 
-/// The orchestrator's database.
+/// Which database engine a store runs on; the SQL differs only where the engines do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite in WAL mode: one orchestrator replica.
+    Sqlite,
+    /// Postgres: any number of orchestrator replicas.
+    Postgres,
+}
+
+/// The orchestrator's database. Queries are written once, with `$N` placeholders, which both
+/// engines understand.
 #[derive(Clone, Debug)]
-pub enum Store {
-    /// SQLite in WAL mode.
-    Sqlite {
-        /// The pool.
-        pool: SqlitePool,
-        /// The database, for messages.
-        database: String,
-    },
-    /// Postgres.
-    Postgres {
-        /// The pool.
-        pool: PgPool,
-        /// The database without its password, for messages.
-        database: String,
-    },
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    database: String,
 }
 
 impl Store {
     /// Opens the database, creating an SQLite file and its folder when missing.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
+        install_default_drivers();
         let database = url.to_string();
-        match url {
+        let connect_error = |source| StoreError::Connect {
+            database: database.clone(),
+            source,
+        };
+        let (pool, backend) = match url {
             DatabaseUrl::Sqlite { path } => {
                 create_parent_folder(path)?;
-                let options = SqliteConnectOptions::from_str(&url.connection_string())
-                    .map_err(|source| StoreError::Connect {
-                        database: database.clone(),
-                        source,
-                    })?
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    // An acknowledged event must survive power loss, not only a crash.
-                    .synchronous(SqliteSynchronous::Full)
-                    .foreign_keys(true)
-                    .busy_timeout(Duration::from_secs(5));
-                let pool = SqlitePoolOptions::new()
+                let pool = AnyPoolOptions::new()
+                    // One writer at a time is SQLite's model; the others serve reads.
                     .max_connections(4)
-                    .connect_with(options)
+                    .after_connect(|connection, _| {
+                        Box::pin(async move {
+                            connection.execute(SQLITE_PRAGMAS).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&format!("{}?mode=rwc", url.connection_string()))
                     .await
-                    .map_err(|source| StoreError::Connect {
-                        database: database.clone(),
-                        source,
-                    })?;
-                Ok(Self::Sqlite { pool, database })
+                    .map_err(connect_error)?;
+                (pool, Backend::Sqlite)
             }
             DatabaseUrl::Postgres { .. } => {
-                let pool = PgPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(5))
                     .connect(&url.connection_string())
                     .await
-                    .map_err(|source| StoreError::Connect {
-                        database: database.clone(),
-                        source,
-                    })?;
-                Ok(Self::Postgres { pool, database })
+                    .map_err(connect_error)?;
+                (pool, Backend::Postgres)
             }
-        }
+        };
+        Ok(Self {
+            pool,
+            backend,
+            database,
+        })
     }
 
     /// Applies the migrations that are not applied yet.
     pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
+        let migrations = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
         let before = self.schema_version().await.unwrap_or(0);
-        let result = match self {
-            Self::Sqlite { pool, .. } => SQLITE_MIGRATIONS.run(pool).await,
-            Self::Postgres { pool, .. } => POSTGRES_MIGRATIONS.run(pool).await,
-        };
-        result.map_err(|source| StoreError::Migrate {
-            database: self.database().to_owned(),
-            source,
-        })?;
+        migrations
+            .run(&self.pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                database: self.database.clone(),
+                source,
+            })?;
         let version = self.schema_version().await?;
-        let migrations = match self {
-            Self::Sqlite { .. } => &SQLITE_MIGRATIONS,
-            Self::Postgres { .. } => &POSTGRES_MIGRATIONS,
-        };
         let applied = migrations
             .iter()
             .filter(|migration| migration.version > before && migration.version <= version)
@@ -142,28 +147,32 @@ impl Store {
 
     /// The highest applied migration version, 0 on an empty database.
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        const QUERY: &str =
-            "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success = TRUE";
-        let version = match self {
-            Self::Sqlite { pool, .. } => sqlx::query_scalar(QUERY).fetch_one(pool).await?,
-            Self::Postgres { pool, .. } => sqlx::query_scalar(QUERY).fetch_one(pool).await?,
-        };
+        let version: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success = TRUE",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok(version)
     }
 
     /// The database, without its password.
     pub fn database(&self) -> &str {
-        match self {
-            Self::Sqlite { database, .. } | Self::Postgres { database, .. } => database,
-        }
+        &self.database
+    }
+
+    /// The engine the store runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     /// Closes every connection, waiting for queries in flight.
     pub async fn close(&self) {
-        match self {
-            Self::Sqlite { pool, .. } => pool.close().await,
-            Self::Postgres { pool, .. } => pool.close().await,
-        }
+        self.pool.close().await;
     }
 }
 

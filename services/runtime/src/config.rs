@@ -241,6 +241,20 @@ fn parse_secret(value: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(value.to_owned()))
 }
 
+/// A comma-separated list; blanks around items are ignored, empty items are not allowed.
+fn parse_list(value: &str) -> Result<Vec<String>, String> {
+    let items: Vec<String> = value
+        .split(',')
+        .map(|item| item.trim().to_owned())
+        .collect();
+    if items.iter().any(String::is_empty) {
+        return Err(format!(
+            "expected a comma-separated list without empty items, got '{value}'"
+        ));
+    }
+    Ok(items)
+}
+
 fn parse_nonempty(value: &str) -> Result<String, String> {
     if value.trim().is_empty() {
         return Err("must not be empty".to_owned());
@@ -257,6 +271,8 @@ pub struct HanaSettings {
     pub api_url: Option<Url>,
     /// Bearer token for the update endpoint.
     pub access_token: Option<SecretString>,
+    /// Hana application ids whose webhooks are accepted; empty accepts every application.
+    pub application_ids: Vec<String>,
 }
 
 /// Pipedrive settings.
@@ -372,6 +388,11 @@ const KEYS: &[Key] = &[
     ),
     key("LEADRELAY_HANA_API_URL", Some("hana"), "api_url"),
     key("LEADRELAY_HANA_ACCESS_TOKEN", Some("hana"), "access_token"),
+    key(
+        "LEADRELAY_HANA_APPLICATION_IDS",
+        Some("hana"),
+        "application_ids",
+    ),
     key("LEADRELAY_PIPEDRIVE_API_URL", Some("pipedrive"), "api_url"),
     key(
         "LEADRELAY_PIPEDRIVE_API_TOKEN",
@@ -554,6 +575,9 @@ impl Settings {
                 webhook_token: raw.take("LEADRELAY_HANA_WEBHOOK_TOKEN", parse_secret)?,
                 api_url: raw.take("LEADRELAY_HANA_API_URL", parse_http_url)?,
                 access_token: raw.take("LEADRELAY_HANA_ACCESS_TOKEN", parse_secret)?,
+                application_ids: raw
+                    .take("LEADRELAY_HANA_APPLICATION_IDS", parse_list)?
+                    .unwrap_or_default(),
             },
             pipedrive: PipedriveSettings {
                 api_url: raw.take_or(
@@ -700,6 +724,12 @@ fn read_file(path: &Path) -> Result<BTreeMap<&'static str, RawValue>, ConfigErro
         let value = match value {
             toml::Value::String(text) => text.clone(),
             toml::Value::Integer(number) => number.to_string(),
+            // Lists are written comma-separated, as in the environment.
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => items
+                .iter()
+                .filter_map(toml::Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
             other => {
                 return Err(ConfigError::new(
                     &origin,

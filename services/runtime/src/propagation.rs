@@ -60,6 +60,14 @@ impl Interceptor for TraceContextInterceptor {
     }
 }
 
+/// The current span's W3C `traceparent`, to be saved with work that continues later.
+pub fn current_traceparent() -> Option<String> {
+    let context = Span::current().context();
+    let mut fields = std::collections::HashMap::new();
+    global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut fields));
+    fields.remove("traceparent")
+}
+
 /// A channel to a peer service that carries trace context on every call.
 pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
 

@@ -1,0 +1,345 @@
+//! Reads for the admin API: entities with their links, events, jobs, quarantine and counters.
+
+use leadrelay_proto::v1::{
+    Deal, Event, ExternalRef, Job, JobCount, JobState, Lead, QuarantinedCall, RemoteKind, System,
+};
+use prost::Message;
+use sqlx::{AnyPool, Row, any::AnyRow};
+
+use crate::{
+    ingest::timestamp,
+    routes::{EntityType, Operation, system_from_name, system_name},
+    store::StoreError,
+};
+
+/// Largest page a list RPC returns.
+pub const MAX_PAGE: u32 = 500;
+/// Page size when none is asked for.
+pub const DEFAULT_PAGE: u32 = 50;
+
+/// How an entity is named.
+#[derive(Clone, Debug)]
+pub enum EntityKey {
+    /// LeadRelay's id.
+    Id(String),
+    /// Any system's remote id.
+    Remote {
+        /// The system.
+        system: System,
+        /// The id there.
+        remote_id: String,
+    },
+}
+
+/// A page request, normalised.
+#[derive(Clone, Copy, Debug)]
+pub struct Page {
+    /// Rows to return.
+    pub size: i64,
+    /// Only rows with a lower `seq` (0 = from the newest).
+    pub before_seq: i64,
+}
+
+impl Page {
+    /// Reads a page size and token as the list RPCs take them.
+    pub fn parse(page_size: u32, page_token: &str) -> Result<Self, String> {
+        let size = match page_size {
+            0 => DEFAULT_PAGE,
+            size => size.min(MAX_PAGE),
+        };
+        let before_seq = if page_token.is_empty() {
+            0
+        } else {
+            page_token
+                .parse::<i64>()
+                .ok()
+                .filter(|seq| *seq > 0)
+                .ok_or_else(|| format!("page_token '{page_token}' is not one this API returned"))?
+        };
+        Ok(Self {
+            size: i64::from(size),
+            before_seq,
+        })
+    }
+
+    /// The token of the page after one whose last row has `last_seq`, empty after the last page.
+    fn next_token(self, rows: usize, last_seq: Option<i64>) -> String {
+        match last_seq {
+            Some(seq) if i64::try_from(rows).unwrap_or(i64::MAX) >= self.size => seq.to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Returns a lead with its links.
+pub async fn get_lead(pool: &AnyPool, key: &EntityKey) -> Result<Option<Lead>, StoreError> {
+    let Some(id) = resolve(pool, EntityType::Lead, key).await? else {
+        return Ok(None);
+    };
+    let body: Option<Vec<u8>> = sqlx::query_scalar("SELECT body FROM leads WHERE id = $1")
+        .bind(&id)
+        .fetch_optional(pool)
+        .await?;
+    let Some(body) = body else { return Ok(None) };
+    let mut lead =
+        Lead::decode(body.as_slice()).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    lead.external_refs = links(pool, EntityType::Lead, &id).await?;
+    Ok(Some(lead))
+}
+
+/// Returns a deal with its links.
+pub async fn get_deal(pool: &AnyPool, key: &EntityKey) -> Result<Option<Deal>, StoreError> {
+    let Some(id) = resolve(pool, EntityType::Deal, key).await? else {
+        return Ok(None);
+    };
+    let body: Option<Vec<u8>> = sqlx::query_scalar("SELECT body FROM deals WHERE id = $1")
+        .bind(&id)
+        .fetch_optional(pool)
+        .await?;
+    let Some(body) = body else { return Ok(None) };
+    let mut deal =
+        Deal::decode(body.as_slice()).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    deal.external_refs = links(pool, EntityType::Deal, &id).await?;
+    Ok(Some(deal))
+}
+
+async fn resolve(
+    pool: &AnyPool,
+    entity_type: EntityType,
+    key: &EntityKey,
+) -> Result<Option<String>, StoreError> {
+    match key {
+        EntityKey::Id(id) => Ok(Some(id.clone())),
+        EntityKey::Remote { system, remote_id } => Ok(sqlx::query_scalar(
+            "SELECT entity_id FROM links WHERE entity_type = $1 AND system = $2 AND remote_id = $3 \
+             ORDER BY linked_at LIMIT 1",
+        )
+        .bind(entity_type.as_str())
+        .bind(system_name(*system))
+        .bind(remote_id)
+        .fetch_optional(pool)
+        .await?),
+    }
+}
+
+async fn links(
+    pool: &AnyPool,
+    entity_type: EntityType,
+    id: &str,
+) -> Result<Vec<ExternalRef>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT system, kind, remote_id, linked_at, closed_at FROM links \
+         WHERE entity_type = $1 AND entity_id = $2 ORDER BY linked_at, system, kind",
+    )
+    .bind(entity_type.as_str())
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let kind: String = row.try_get("kind")?;
+            Ok(ExternalRef {
+                system: system_from_name(row.try_get::<String, _>("system")?.as_str()).into(),
+                kind: remote_kind(&kind).into(),
+                remote_id: row.try_get("remote_id")?,
+                linked_at: Some(timestamp(row.try_get("linked_at")?)),
+                closed_at: row.try_get::<Option<i64>, _>("closed_at")?.map(timestamp),
+            })
+        })
+        .collect()
+}
+
+/// The remote kind stored under `name`.
+pub fn remote_kind(name: &str) -> RemoteKind {
+    match name {
+        "hana_lead" => RemoteKind::HanaLead,
+        "hana_opportunity" => RemoteKind::HanaOpportunity,
+        "pipedrive_person" => RemoteKind::PipedrivePerson,
+        "pipedrive_deal" => RemoteKind::PipedriveDeal,
+        "pipedrive_activity" => RemoteKind::PipedriveActivity,
+        "salesman_lead" => RemoteKind::SalesmanLead,
+        _ => RemoteKind::Unspecified,
+    }
+}
+
+const EVENT_COLUMNS: &str =
+    "seq, id, source, kind, application_id, dedupe_key, raw_body, received_at, duplicate_count";
+
+fn event_from_row(row: &AnyRow) -> Result<Event, sqlx::Error> {
+    Ok(Event {
+        id: row.try_get("id")?,
+        source: system_from_name(row.try_get::<String, _>("source")?.as_str()).into(),
+        kind: row.try_get("kind")?,
+        application_id: row.try_get("application_id")?,
+        dedupe_key: row.try_get("dedupe_key")?,
+        received_at: Some(timestamp(row.try_get("received_at")?)),
+        raw_body: row.try_get("raw_body")?,
+        duplicate_count: u32::try_from(row.try_get::<i64, _>("duplicate_count")?)
+            .unwrap_or(u32::MAX),
+    })
+}
+
+/// Lists events, newest first; returns the events and the next page token.
+pub async fn list_events(
+    pool: &AnyPool,
+    source: System,
+    page: Page,
+) -> Result<(Vec<Event>, String), StoreError> {
+    let source_filter = match source {
+        System::Unspecified => String::new(),
+        system => system_name(system).to_owned(),
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE ($1 = '' OR source = $1) AND ($2 = 0 OR seq < $2) \
+         ORDER BY seq DESC LIMIT $3"
+    ))
+    .bind(source_filter)
+    .bind(page.before_seq)
+    .bind(page.size)
+    .fetch_all(pool)
+    .await?;
+    let events = rows
+        .iter()
+        .map(event_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let last_seq = rows
+        .last()
+        .map(|row| row.try_get::<i64, _>("seq"))
+        .transpose()?;
+    Ok((events, page.next_token(rows.len(), last_seq)))
+}
+
+/// Returns an event and its jobs.
+pub async fn get_event(pool: &AnyPool, id: &str) -> Result<Option<(Event, Vec<Job>)>, StoreError> {
+    let row = sqlx::query(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let event = event_from_row(&row)?;
+    let jobs = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE event_id = $1 ORDER BY seq"
+    ))
+    .bind(id)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(job_from_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((event, jobs)))
+}
+
+const JOB_COLUMNS: &str = "id, event_id, target, operation, entity_id, state, attempts, \
+     next_attempt_at, last_error, created_at, updated_at";
+
+/// The job state stored under `name`.
+pub fn job_state(name: &str) -> JobState {
+    match name {
+        "pending" => JobState::Pending,
+        "running" => JobState::Running,
+        "done" => JobState::Done,
+        "dead" => JobState::Dead,
+        "coalesced" => JobState::Coalesced,
+        _ => JobState::Unspecified,
+    }
+}
+
+fn job_from_row(row: &AnyRow) -> Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: row.try_get("id")?,
+        event_id: row.try_get("event_id")?,
+        target: system_from_name(row.try_get::<String, _>("target")?.as_str()).into(),
+        operation: Operation::from_name(row.try_get::<String, _>("operation")?.as_str()).into(),
+        entity_id: row.try_get("entity_id")?,
+        state: job_state(row.try_get::<String, _>("state")?.as_str()).into(),
+        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        next_attempt_at: Some(timestamp(row.try_get("next_attempt_at")?)),
+        last_error: row.try_get("last_error")?,
+        created_at: Some(timestamp(row.try_get("created_at")?)),
+        updated_at: Some(timestamp(row.try_get("updated_at")?)),
+    })
+}
+
+/// Lists quarantined calls, newest first; returns them and the next page token.
+pub async fn list_quarantined(
+    pool: &AnyPool,
+    page: Page,
+) -> Result<(Vec<QuarantinedCall>, String), StoreError> {
+    let rows = sqlx::query(
+        "SELECT seq, id, source, kind, reason, raw_body, received_at FROM quarantine \
+         WHERE ($1 = 0 OR seq < $1) ORDER BY seq DESC LIMIT $2",
+    )
+    .bind(page.before_seq)
+    .bind(page.size)
+    .fetch_all(pool)
+    .await?;
+    let calls = rows
+        .iter()
+        .map(|row| {
+            Ok(QuarantinedCall {
+                id: row.try_get("id")?,
+                source: system_from_name(row.try_get::<String, _>("source")?.as_str()).into(),
+                kind: row.try_get("kind")?,
+                reason: row.try_get("reason")?,
+                raw_body: row.try_get("raw_body")?,
+                received_at: Some(timestamp(row.try_get("received_at")?)),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let last_seq = rows
+        .last()
+        .map(|row| row.try_get::<i64, _>("seq"))
+        .transpose()?;
+    Ok((calls, page.next_token(rows.len(), last_seq)))
+}
+
+/// Counters for `GetStats`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Events stored.
+    pub events: u64,
+    /// Redeliveries answered as duplicates.
+    pub duplicates: u64,
+    /// Calls in quarantine.
+    pub quarantined: u64,
+    /// Jobs by target and state.
+    pub jobs: Vec<JobCount>,
+    /// Creation time of the oldest pending job, unix milliseconds.
+    pub oldest_pending_ms: Option<i64>,
+}
+
+/// Reads the counters.
+pub async fn stats(pool: &AnyPool) -> Result<Stats, StoreError> {
+    let count = |value: i64| u64::try_from(value).unwrap_or_default();
+    let (events, duplicates): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(duplicate_count), 0) AS BIGINT) FROM events",
+    )
+    .fetch_one(pool)
+    .await?;
+    let quarantined: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quarantine")
+        .fetch_one(pool)
+        .await?;
+    let jobs = sqlx::query("SELECT target, state, COUNT(*) AS n FROM jobs GROUP BY target, state ORDER BY target, state")
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(JobCount {
+                target: system_from_name(row.try_get::<String, _>("target")?.as_str()).into(),
+                state: job_state(row.try_get::<String, _>("state")?.as_str()).into(),
+                count: count(row.try_get("n")?),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let oldest_pending_ms: Option<i64> =
+        sqlx::query_scalar("SELECT MIN(created_at) FROM jobs WHERE state = 'pending'")
+            .fetch_one(pool)
+            .await?;
+    Ok(Stats {
+        events: count(events),
+        duplicates: count(duplicates),
+        quarantined: count(quarantined),
+        jobs,
+        oldest_pending_ms,
+    })
+}

@@ -1,0 +1,61 @@
+//! Helpers for LeadRelay's tests. Postgres tests use the server at `127.0.0.1:5432` (trust auth,
+//! database `test`), or `LEADRELAY_TEST_POSTGRES_URL`; each test gets a database of its own.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::{Connection, Executor, PgConnection};
+
+/// Errors from the helpers.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The Postgres server tests use, as a URL of a database to connect to for administration.
+pub fn postgres_admin_url() -> String {
+    std::env::var("LEADRELAY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A fresh, empty Postgres database; dropped by [`TestDatabase::drop_database`].
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates a database named after `purpose`, this process and a counter.
+    pub async fn create(purpose: &str) -> Result<Self, Error> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "leadrelay_{purpose}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin_url = postgres_admin_url();
+        let mut admin = PgConnection::connect(&admin_url).await?;
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+            .await?;
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await?;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Ok(Self { name, url })
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Drops the database, closing any connection still open to it.
+    pub async fn drop_database(self) -> Result<(), Error> {
+        let mut admin = PgConnection::connect(&postgres_admin_url()).await?;
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+            .await?;
+        Ok(())
+    }
+}

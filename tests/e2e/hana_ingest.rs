@@ -1,0 +1,546 @@
+//! Hana webhooks in, stored durably: every scenario runs against SQLite and against Postgres.
+
+use leadrelay_proto::v1::{
+    DealStatus, GetDealRequest, GetEventRequest, GetLeadRequest, GetStatsRequest, JobOperation,
+    ListEventsRequest, ListQuarantinedRequest, RemoteKey, System, field_value::Kind,
+    get_deal_request, get_lead_request, orchestrator_service_client::OrchestratorServiceClient,
+};
+use leadrelay_testkit::TestDatabase;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::support::{Error, TestResult, Up};
+
+/// The sample body of the Hana developer document (typographic quotes made ASCII, the email
+/// filled in).
+pub(crate) const SEED_SAMPLE: &str = r#"{
+  "application": {"id": "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2"},
+  "lead": {
+    "id": {"nomalizeData": "e734c76a-52ca-44f0-a21e8e1fe627c308", "rawData": "e734c76a-52ca-44f0-a21e8e1fe627c308"},
+    "baseName": {"nomalizeData": "Toan Truyen", "rawData": "Toan Truyen"},
+    "baseBirthday": {"nomalizeData": "14-09-2020", "rawData": "2020-09-13T17:00:00.000Z"},
+    "baseSourceInput": {"nomalizeData": ["Youtube", "Sendo"], "rawData": ["Youtube", "Sendo"]},
+    "baseEmail": {"nomalizeData": "toan.truyen@example.com", "rawData": "toan.truyen@example.com"},
+    "basePhonenumber": {"nomalizeData": "0978712200", "rawData": "0978712200"},
+    "cf_number_kieu_so": {"nomalizeData": 1.09, "rawData": 1.09}
+  },
+  "conversation": {"conversationUrl": "https://bot.hana.ai/apps/dbd9a5f7-b3c4-45bb-a8eb2b8e10bff8c2/chats/5e6f3f81da043f97f8ae0c44"}
+}"#;
+
+const SEED_LEAD_ID: &str = "e734c76a-52ca-44f0-a21e8e1fe627c308";
+const APP_ID: &str = "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2";
+
+/// Which store a scenario runs on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// `leadrelay up` on one backend, with clients for its gateway and orchestrator.
+pub(crate) struct Harness {
+    pub(crate) up: Up,
+    pub(crate) http: reqwest::Client,
+    pub(crate) orchestrator: OrchestratorServiceClient<Channel>,
+    database: Option<TestDatabase>,
+    _folder: tempfile::TempDir,
+}
+
+impl Harness {
+    pub(crate) async fn start(backend: Backend, env: &[(&str, &str)]) -> Result<Self, Error> {
+        let folder = tempfile::tempdir()?;
+        let database = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(TestDatabase::create("e2e").await?),
+        };
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        if let Some(database) = &database {
+            env.push(("LEADRELAY_DATABASE_URL", database.url()));
+        }
+        let up = Up::start(folder.path(), &env)?;
+        let orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+        Ok(Self {
+            up,
+            http: reqwest::Client::new(),
+            orchestrator,
+            database,
+            _folder: folder,
+        })
+    }
+
+    /// Posts a body to a Hana event's webhook URL; returns the status and the JSON answer.
+    pub(crate) async fn post(&self, event: &str, body: &str) -> Result<(u16, Value), Error> {
+        let answer = self
+            .http
+            .post(self.up.hana_webhook(event))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await?;
+        let status = answer.status().as_u16();
+        Ok((status, answer.json().await?))
+    }
+
+    pub(crate) async fn finish(self) -> TestResult {
+        drop(self.up);
+        if let Some(database) = self.database {
+            database.drop_database().await?;
+        }
+        Ok(())
+    }
+}
+
+fn remote(remote_id: &str) -> RemoteKey {
+    RemoteKey {
+        system: System::Hana.into(),
+        remote_id: remote_id.to_owned(),
+    }
+}
+
+/// A Hana attribute as the webhook carries it.
+fn attribute(value: &Value) -> Value {
+    json!({"nomalizeData": value, "rawData": value})
+}
+
+fn lead_body(id: &str, attributes: &[(&str, Value)]) -> String {
+    let mut lead = serde_json::Map::new();
+    lead.insert("id".to_owned(), attribute(&json!(id)));
+    for (name, value) in attributes {
+        lead.insert((*name).to_owned(), attribute(value));
+    }
+    json!({"application": {"id": APP_ID}, "lead": lead}).to_string()
+}
+
+fn ticket_body(id: &str, attributes: &[(&str, Value)], conversation: Option<&str>) -> String {
+    let mut opportunity = serde_json::Map::new();
+    opportunity.insert("id".to_owned(), attribute(&json!(id)));
+    for (name, value) in attributes {
+        opportunity.insert((*name).to_owned(), attribute(value));
+    }
+    let mut body = json!({"application": {"id": APP_ID}, "opportunity": opportunity});
+    if let Some(url) = conversation {
+        body["conversation"] = json!({"conversationUrl": url});
+    }
+    body.to_string()
+}
+
+async fn seed_sample_is_stored_and_readable_by_its_hana_id(backend: Backend) -> TestResult {
+    let mut harness = Harness::start(backend, &[]).await?;
+    let (status, answer) = harness.post("lead.created", SEED_SAMPLE).await?;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "accepted");
+    assert_eq!(answer["duplicate"], false);
+    let event_id = answer["event_id"].as_str().unwrap_or_default().to_owned();
+    assert!(event_id.starts_with("evt_"), "{answer}");
+
+    let lead = harness
+        .orchestrator
+        .get_lead(GetLeadRequest {
+            key: Some(get_lead_request::Key::Remote(remote(SEED_LEAD_ID))),
+        })
+        .await?
+        .into_inner()
+        .lead
+        .ok_or("no lead")?;
+    assert_eq!(lead.name, "Toan Truyen");
+    assert_eq!(lead.emails, ["toan.truyen@example.com"]);
+    assert_eq!(lead.phones, ["0978712200"]);
+    assert_eq!(lead.source_channels, ["Youtube", "Sendo"]);
+    let birthday = lead.birthday.ok_or("no birthday")?;
+    assert_eq!((birthday.year, birthday.month, birthday.day), (2020, 9, 14));
+    assert_eq!(
+        lead.custom_fields
+            .get("cf_number_kieu_so")
+            .and_then(|field| field.kind.clone()),
+        Some(Kind::NumberValue(1.09))
+    );
+    assert_eq!(
+        lead.conversation_url,
+        "https://bot.hana.ai/apps/dbd9a5f7-b3c4-45bb-a8eb2b8e10bff8c2/chats/5e6f3f81da043f97f8ae0c44"
+    );
+    assert_eq!(lead.raw.len(), 7, "every attribute is kept as received");
+    let source = lead.source.ok_or("no source")?;
+    assert_eq!(
+        (source.app_id.as_str(), source.remote_id.as_str()),
+        (APP_ID, SEED_LEAD_ID)
+    );
+    assert!(
+        lead.external_refs
+            .iter()
+            .any(|link| link.remote_id == SEED_LEAD_ID)
+    );
+
+    // The same lead by LeadRelay's id, and the event with the jobs it implies.
+    let by_id = harness
+        .orchestrator
+        .get_lead(GetLeadRequest {
+            key: Some(get_lead_request::Key::Id(lead.id.clone())),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        by_id.lead.map(|lead| lead.name),
+        Some("Toan Truyen".to_owned())
+    );
+    let event = harness
+        .orchestrator
+        .get_event(GetEventRequest { id: event_id })
+        .await?
+        .into_inner();
+    assert_eq!(
+        event.event.map(|event| event.kind),
+        Some("lead.created".to_owned())
+    );
+    let mut targets: Vec<i32> = event.jobs.iter().map(|job| job.target).collect();
+    targets.sort_unstable();
+    assert_eq!(targets, [System::Pipedrive as i32, System::Salesman as i32]);
+    assert!(
+        event
+            .jobs
+            .iter()
+            .all(|job| job.operation == JobOperation::UpsertLead as i32)
+    );
+    harness.finish().await
+}
+
+async fn six_events_create_merge_and_delete(backend: Backend) -> TestResult {
+    let mut harness = Harness::start(backend, &[]).await?;
+    let lead_key = || GetLeadRequest {
+        key: Some(get_lead_request::Key::Remote(remote("lead-1"))),
+    };
+    let deal_key = || GetDealRequest {
+        key: Some(get_deal_request::Key::Remote(remote("ticket-1"))),
+    };
+
+    let created = lead_body(
+        "lead-1",
+        &[
+            ("baseName", json!("Thu Hương")),
+            ("baseEmail", json!("huong@example.com")),
+        ],
+    );
+    assert_eq!(harness.post("lead.created", &created).await?.0, 200);
+    let updated = lead_body(
+        "lead-1",
+        &[
+            ("basePhonenumber", json!("+84395458994")),
+            ("cf_string_ghi_chu", json!("Đã thanh toán")),
+        ],
+    );
+    assert_eq!(harness.post("lead.updated", &updated).await?.0, 200);
+    let lead = harness
+        .orchestrator
+        .get_lead(lead_key())
+        .await?
+        .into_inner()
+        .lead
+        .ok_or("no lead")?;
+    assert_eq!(
+        lead.name, "Thu Hương",
+        "attributes not in the update are kept"
+    );
+    assert_eq!(lead.emails, ["huong@example.com"]);
+    assert_eq!(lead.phones, ["+84395458994"]);
+    assert_eq!(
+        lead.custom_fields
+            .get("cf_string_ghi_chu")
+            .and_then(|field| field.kind.clone()),
+        Some(Kind::StringValue("Đã thanh toán".to_owned()))
+    );
+    assert!(lead.deleted_at.is_none());
+    assert_eq!(
+        harness
+            .post("lead.deleted", &lead_body("lead-1", &[]))
+            .await?
+            .0,
+        200
+    );
+    let lead = harness
+        .orchestrator
+        .get_lead(lead_key())
+        .await?
+        .into_inner()
+        .lead
+        .ok_or("no lead")?;
+    assert!(
+        lead.deleted_at.is_some(),
+        "a deleted lead is marked, not forgotten"
+    );
+    assert_eq!(lead.name, "Thu Hương");
+
+    let url = "https://bot.hana.ai/apps/x/chats/1";
+    let ticket = ticket_body(
+        "ticket-1",
+        &[
+            ("baseName", json!("Cập nhật ticket")),
+            ("leadEmail", json!("my@example.com")),
+            ("dealValue", json!(1_000_000)),
+        ],
+        Some(url),
+    );
+    let (status, answer) = harness.post("ticket.created", &ticket).await?;
+    assert_eq!(status, 200, "ticket.* is an alias of opportunity.*");
+    let event = harness
+        .orchestrator
+        .get_event(GetEventRequest {
+            id: answer["event_id"].as_str().unwrap_or_default().to_owned(),
+        })
+        .await?
+        .into_inner();
+    let mut operations: Vec<i32> = event.jobs.iter().map(|job| job.operation).collect();
+    operations.sort_unstable();
+    assert_eq!(
+        operations,
+        [
+            JobOperation::UpsertDeal as i32,
+            JobOperation::AddActivity as i32
+        ]
+    );
+
+    let update = ticket_body("ticket-1", &[("dealValue", json!(2_500_000))], None);
+    assert_eq!(harness.post("opportunity.updated", &update).await?.0, 200);
+    let deal = harness
+        .orchestrator
+        .get_deal(deal_key())
+        .await?
+        .into_inner()
+        .deal
+        .ok_or("no deal")?;
+    assert_eq!(deal.title, "Cập nhật ticket");
+    assert_eq!(
+        deal.value.map(|money| money.amount),
+        Some("2500000".to_owned())
+    );
+    assert_eq!(
+        deal.contact.map(|contact| contact.email),
+        Some("my@example.com".to_owned())
+    );
+    assert_eq!(deal.conversation_url, url);
+    assert_eq!(deal.status, DealStatus::Open as i32);
+
+    assert_eq!(
+        harness
+            .post("opportunity.deleted", &ticket_body("ticket-1", &[], None))
+            .await?
+            .0,
+        200
+    );
+    let deal = harness
+        .orchestrator
+        .get_deal(deal_key())
+        .await?
+        .into_inner()
+        .deal
+        .ok_or("no deal")?;
+    assert_eq!(deal.status, DealStatus::Deleted as i32);
+    assert!(deal.deleted_at.is_some());
+
+    let stats = harness
+        .orchestrator
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(stats.events_total, 6);
+    assert_eq!(stats.quarantined_total, 0);
+    harness.finish().await
+}
+
+async fn a_redelivery_is_a_duplicate_and_adds_nothing(backend: Backend) -> TestResult {
+    let mut harness = Harness::start(backend, &[]).await?;
+    let (_, first) = harness.post("lead.created", SEED_SAMPLE).await?;
+    // The same body re-serialised (other key order, no whitespace) is the same event.
+    let reordered: Value = serde_json::from_str(SEED_SAMPLE)?;
+    let (status, second) = harness.post("lead.created", &reordered.to_string()).await?;
+    assert_eq!(status, 200);
+    assert_eq!(second["duplicate"], true);
+    assert_eq!(second["event_id"], first["event_id"]);
+
+    let events = harness
+        .orchestrator
+        .list_events(ListEventsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(events.events.len(), 1);
+    assert_eq!(events.events[0].duplicate_count, 1);
+    let stats = harness
+        .orchestrator
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!((stats.events_total, stats.duplicates_total), (1, 1));
+    let jobs: u64 = stats.jobs.iter().map(|count| count.count).sum();
+    assert_eq!(jobs, 2, "the duplicate added no jobs");
+
+    // The same body for another event kind is another event.
+    let (_, updated) = harness.post("lead.updated", SEED_SAMPLE).await?;
+    assert_eq!(updated["duplicate"], false);
+    harness.finish().await
+}
+
+async fn unusable_calls_are_refused_or_quarantined(backend: Backend) -> TestResult {
+    let mut harness =
+        Harness::start(backend, &[("LEADRELAY_HANA_APPLICATION_IDS", APP_ID)]).await?;
+    let gateway = harness.up.gateway_url();
+
+    let wrong_token = harness
+        .http
+        .post(format!("{gateway}/webhooks/hana/lead.created?token=wrong"))
+        .body(SEED_SAMPLE)
+        .send()
+        .await?;
+    assert_eq!(wrong_token.status(), 401);
+    let stats = harness
+        .orchestrator
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        (stats.events_total, stats.quarantined_total),
+        (0, 0),
+        "nothing stored"
+    );
+
+    let too_large = reqwest::Client::new()
+        .post(harness.up.hana_webhook("lead.created"))
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await?;
+    assert_eq!(too_large.status(), 413);
+
+    let cases = [
+        (
+            "lead.created",
+            "{\"application\": {\"id\": ".to_owned(),
+            "the body is not valid JSON",
+        ),
+        (
+            "lead.created",
+            lead_body("", &[("baseName", json!("No id"))]),
+            "lead.created without an id",
+        ),
+        (
+            "lead.created",
+            lead_body("x", &[]).replace(APP_ID, "someone-else"),
+            "application id 'someone-else' is not in LEADRELAY_HANA_APPLICATION_IDS",
+        ),
+        (
+            "opportunity.created",
+            lead_body("x", &[]),
+            "opportunity.created without an id",
+        ),
+    ];
+    for (event, body, reason) in &cases {
+        let (status, answer) = harness.post(event, body).await?;
+        assert_eq!(
+            status, 200,
+            "an authenticated call is acknowledged: {answer}"
+        );
+        let quarantined = harness
+            .orchestrator
+            .list_quarantined(ListQuarantinedRequest {
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await?
+            .into_inner();
+        let call = quarantined.calls.first().ok_or("nothing quarantined")?;
+        assert!(
+            call.reason.starts_with(reason),
+            "{} does not start with {reason}",
+            call.reason
+        );
+        assert_eq!(call.raw_body, body.as_bytes(), "the body is kept exactly");
+        assert_eq!(
+            Some(&call.id),
+            answer["event_id"].as_str().map(str::to_owned).as_ref()
+        );
+    }
+    let stats = harness
+        .orchestrator
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!((stats.events_total, stats.quarantined_total), (0, 4));
+    let page = harness
+        .orchestrator
+        .list_quarantined(ListQuarantinedRequest {
+            page_size: 3,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(page.calls.len(), 3);
+    let rest = harness
+        .orchestrator
+        .list_quarantined(ListQuarantinedRequest {
+            page_size: 3,
+            page_token: page.next_page_token,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(rest.calls.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    harness.finish().await
+}
+
+async fn the_event_name_in_the_body_names_the_event(backend: Backend) -> TestResult {
+    let harness = Harness::start(backend, &[]).await?;
+    let mut body: Value =
+        serde_json::from_str(&lead_body("lead-9", &[("baseName", json!("Named"))]))?;
+    body["event_name"] = json!("lead.created");
+    let answer = harness
+        .http
+        .post(
+            harness
+                .up
+                .hana_webhook("lead.created")
+                .replace("/lead.created", ""),
+        )
+        .body(body.to_string())
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await?;
+    let mut orchestrator = harness.orchestrator.clone();
+    let event = orchestrator
+        .get_event(GetEventRequest {
+            id: answer["event_id"].as_str().unwrap_or_default().to_owned(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        event.event.map(|event| event.kind),
+        Some("lead.created".to_owned())
+    );
+    harness.finish().await
+}
+
+/// Declares each scenario once per backend.
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() -> crate::support::TestResult {
+                    super::$scenario(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() -> crate::support::TestResult {
+                    super::$scenario(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    seed_sample_is_stored_and_readable_by_its_hana_id,
+    six_events_create_merge_and_delete,
+    a_redelivery_is_a_duplicate_and_adds_nothing,
+    unusable_calls_are_refused_or_quarantined,
+    the_event_name_in_the_body_names_the_event,
+);
