@@ -2,6 +2,7 @@
 //! probed the way operators and peers do.
 
 mod cli;
+mod crash;
 mod hana_ingest;
 mod support;
 mod up;

@@ -184,3 +184,91 @@ pub(crate) async fn health(channel: Channel, service: &str) -> Result<ServingSta
         .await?;
     Ok(answer.into_inner().status())
 }
+
+/// A free loopback port, for a service that must come back on the same address after a restart.
+/// (Bound and released: another process could take it in between, which on a test machine is
+/// rare enough.)
+pub(crate) fn free_port() -> Result<u16, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One `leadrelay <service>` process, killed when dropped.
+pub(crate) struct Service {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Service {
+    /// Starts `leadrelay <args>` in `folder` with `env`; logs go to a file in `folder`.
+    pub(crate) fn start(folder: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Self, Error> {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let log_path = folder.join(format!(
+            "{}-{}.log",
+            args.first().copied().unwrap_or("leadrelay"),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let child = leadrelay()
+            .args(args)
+            .current_dir(folder)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()?;
+        Ok(Self { child, log_path })
+    }
+
+    /// Kills the process at once (SIGKILL): no draining, no clean close.
+    pub(crate) fn kill(mut self) -> Result<(), Error> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// The process's logs so far.
+    pub(crate) fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until a gRPC server on `addr` reports SERVING.
+pub(crate) async fn wait_serving(addr: SocketAddr) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            && matches!(health(channel, "").await, Ok(ServingStatus::Serving))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{addr} did not become SERVING within 20 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until an HTTP endpoint answers 200.
+pub(crate) async fn wait_http_ok(url: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(answer) = reqwest::get(url).await
+            && answer.status() == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{url} did not answer 200 within 20 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
