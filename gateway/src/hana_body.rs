@@ -162,19 +162,7 @@ mod tests {
     use super::*;
 
     /// The sample body of the Hana developer document, with its typographic quotes made ASCII.
-    pub(crate) const SEED_SAMPLE: &str = r#"{
-        "application": {"id": "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2"},
-        "lead": {
-            "id": {"nomalizeData": "e734c76a-52ca-44f0-a21e8e1fe627c308", "rawData": "e734c76a-52ca-44f0-a21e8e1fe627c308"},
-            "baseName": {"nomalizeData": "Toan Truyen", "rawData": "Toan Truyen"},
-            "baseBirthday": {"nomalizeData": "14-09-2020", "rawData": "2020-09-13T17:00:00.000Z"},
-            "baseSourceInput": {"nomalizeData": ["Youtube", "Sendo"], "rawData": ["Youtube", "Sendo"]},
-            "baseEmail": {"nomalizeData": "toan@example.com", "rawData": "toan@example.com"},
-            "basePhonenumber": {"nomalizeData": "0978712200", "rawData": "0978712200"},
-            "cf_number_kieu_so": {"nomalizeData": 1.09, "rawData": 1.09}
-        },
-        "conversation": {"conversationUrl": "https://bot.hana.ai/apps/dbd9a5f7-b3c4-45bb-a8eb2b8e10bff8c2/chats/5e6f3f81da043f97f8ae0c44"}
-    }"#;
+    const SEED_SAMPLE: &str = include_str!("../../tests/fixtures/hana-seed-sample.json");
 
     fn normalized(webhook: &HanaWebhook, name: &str) -> serde_json::Value {
         webhook.lead[name]
@@ -193,6 +181,7 @@ mod tests {
         );
         assert_eq!(webhook.lead.len(), 7);
         assert_eq!(normalized(&webhook, "baseName"), "Toan Truyen");
+        assert_eq!(normalized(&webhook, "basePhonenumber"), "0978712200");
         assert_eq!(normalized(&webhook, "cf_number_kieu_so"), 1.09);
         assert_eq!(
             normalized(&webhook, "baseSourceInput"),

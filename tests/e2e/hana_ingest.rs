@@ -13,19 +13,7 @@ use crate::support::{Error, TestResult, Up};
 
 /// The sample body of the Hana developer document (typographic quotes made ASCII, the email
 /// filled in).
-pub(crate) const SEED_SAMPLE: &str = r#"{
-  "application": {"id": "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2"},
-  "lead": {
-    "id": {"nomalizeData": "e734c76a-52ca-44f0-a21e8e1fe627c308", "rawData": "e734c76a-52ca-44f0-a21e8e1fe627c308"},
-    "baseName": {"nomalizeData": "Toan Truyen", "rawData": "Toan Truyen"},
-    "baseBirthday": {"nomalizeData": "14-09-2020", "rawData": "2020-09-13T17:00:00.000Z"},
-    "baseSourceInput": {"nomalizeData": ["Youtube", "Sendo"], "rawData": ["Youtube", "Sendo"]},
-    "baseEmail": {"nomalizeData": "toan.truyen@example.com", "rawData": "toan.truyen@example.com"},
-    "basePhonenumber": {"nomalizeData": "0978712200", "rawData": "0978712200"},
-    "cf_number_kieu_so": {"nomalizeData": 1.09, "rawData": 1.09}
-  },
-  "conversation": {"conversationUrl": "https://bot.hana.ai/apps/dbd9a5f7-b3c4-45bb-a8eb2b8e10bff8c2/chats/5e6f3f81da043f97f8ae0c44"}
-}"#;
+pub(crate) const SEED_SAMPLE: &str = include_str!("../fixtures/hana-seed-sample.json");
 
 const SEED_LEAD_ID: &str = "e734c76a-52ca-44f0-a21e8e1fe627c308";
 const APP_ID: &str = "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2";

@@ -1,0 +1,269 @@
+//! Webhook ingest throughput and time-to-ack, through the gateway and the orchestrator with a
+//! durable commit (SQLite, then Postgres), beside a bare axum endpoint measured in the same run
+//! on the same machine with the same load generator.
+//!
+//! Run with: `cargo bench --bench webhook_ingest`
+//! Knobs: `LEADRELAY_BENCH_SECONDS` (per target, default 10), `LEADRELAY_BENCH_CONNECTIONS`
+//! (default 64). Postgres uses the test server (`LEADRELAY_TEST_POSTGRES_URL`); it is skipped,
+//! with the reason printed, when unreachable.
+//!
+//! The load generator runs in this process and shares the machine's cores with the servers, for
+//! every target alike: compare the ratios, not the absolute figures.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Json, Router, body::Bytes, routing::post};
+use leadrelay_gateway::GatewayConfig;
+use leadrelay_orchestrator::IngestPolicy;
+use leadrelay_runtime::Settings;
+use leadrelay_testkit::TestDatabase;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const TOKEN: &str = "bench-token";
+
+/// What one load run measured.
+struct Measurement {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Measurement {
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, percentile: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((self.latencies_us.len() as f64 - 1.0) * percentile).round() as usize;
+        f64::from(self.latencies_us[rank]) / 1000.0
+    }
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A lead.created body with a unique lead id, shaped like the Hana sample.
+fn body(sequence: u64) -> String {
+    format!(
+        r#"{{"application":{{"id":"bench-app"}},"lead":{{"id":{{"nomalizeData":"bench-{sequence}","rawData":"bench-{sequence}"}},"baseName":{{"nomalizeData":"Toan Truyen","rawData":"Toan Truyen"}},"baseEmail":{{"nomalizeData":"lead{sequence}@example.com","rawData":"lead{sequence}@example.com"}},"basePhonenumber":{{"nomalizeData":"0978712200","rawData":"0978712200"}},"baseSourceInput":{{"nomalizeData":["Youtube","Sendo"],"rawData":["Youtube","Sendo"]}},"cf_number_kieu_so":{{"nomalizeData":1.09,"rawData":1.09}}}},"conversation":{{"conversationUrl":"https://bot.hana.ai/apps/bench/chats/{sequence}"}}}}"#
+    )
+}
+
+/// Posts unique bodies to `url` from `connections` clients for `duration`.
+async fn load(
+    url: &str,
+    connections: usize,
+    duration: Duration,
+    sequence: Arc<AtomicU64>,
+) -> Result<Measurement, Error> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let (url, sequence) = (url.to_owned(), sequence.clone());
+        tasks.push(tokio::spawn(async move {
+            // One client per connection: 64 clients are 64 TCP connections, as 64 senders are.
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()?;
+            let mut latencies = Vec::new();
+            let mut errors = 0_u64;
+            while Instant::now() < deadline {
+                let body = body(sequence.fetch_add(1, Ordering::Relaxed));
+                let sent = Instant::now();
+                let answer = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                let ok = match answer {
+                    Ok(answer) => answer.status() == 200 && answer.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    latencies.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+                } else {
+                    errors += 1;
+                }
+            }
+            Ok::<_, Error>((latencies, errors))
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (latencies, task_errors) = task.await??;
+        latencies_us.extend(latencies);
+        errors += task_errors;
+    }
+    let elapsed = started.elapsed();
+    latencies_us.sort_unstable();
+    Ok(Measurement {
+        requests: latencies_us.len() as u64,
+        errors,
+        elapsed,
+        latencies_us,
+    })
+}
+
+/// The bare endpoint: reads the body and answers what the gateway answers, doing nothing else.
+async fn start_bare(shutdown: CancellationToken) -> Result<SocketAddr, Error> {
+    let counter = Arc::new(AtomicU64::new(0));
+    let app = Router::new().route(
+        "/webhooks/hana/{event}",
+        post(move |body: Bytes| {
+            let counter = counter.clone();
+            async move {
+                let id = counter.fetch_add(1, Ordering::Relaxed);
+                Json(serde_json::json!({
+                    "status": "accepted",
+                    "event_id": format!("evt_{id}_{}", body.len()),
+                    "duplicate": false
+                }))
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok(addr)
+}
+
+/// The gateway and the orchestrator, each on its own loopback port, over `database_url`.
+async fn start_leadrelay(
+    database_url: &str,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, Error> {
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("LEADRELAY_DATABASE_URL", database_url.to_owned()),
+        ("LEADRELAY_HANA_WEBHOOK_TOKEN", TOKEN.to_owned()),
+    ]);
+    let mut settings = Settings::from_lookup(|name| vars.get(name).cloned())?;
+    let store = leadrelay_orchestrator::open_store(&settings).await?;
+    let orchestrator = TcpListener::bind("127.0.0.1:0").await?;
+    settings.peers.orchestrator = format!("http://{}", orchestrator.local_addr()?).parse()?;
+    tokio::spawn(leadrelay_orchestrator::serve(
+        store,
+        IngestPolicy::default(),
+        orchestrator,
+        shutdown.clone(),
+    ));
+    let gateway = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = gateway.local_addr()?;
+    tokio::spawn(leadrelay_gateway::serve(
+        GatewayConfig::from_settings(&settings)?,
+        gateway,
+        shutdown,
+    ));
+    Ok(addr)
+}
+
+async fn measure(
+    label: &str,
+    url: &str,
+    connections: usize,
+    duration: Duration,
+) -> Result<Measurement, Error> {
+    let sequence = Arc::new(AtomicU64::new(0));
+    // Warm-up: connections, pools, the SQLite page cache.
+    load(url, connections, Duration::from_secs(1), sequence.clone()).await?;
+    let measurement = load(url, connections, duration, sequence).await?;
+    eprintln!("measured {label}");
+    Ok(measurement)
+}
+
+fn row(label: &str, measurement: &Measurement, baseline: f64) {
+    println!(
+        "{label:<34} {:>9.0} {:>8.2} {:>8.2} {:>7} {:>9.1}%",
+        measurement.throughput(),
+        measurement.percentile_ms(0.50),
+        measurement.percentile_ms(0.99),
+        measurement.errors,
+        100.0 * measurement.throughput() / baseline
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let seconds = env_number("LEADRELAY_BENCH_SECONDS", 10);
+    let connections = usize::try_from(env_number("LEADRELAY_BENCH_CONNECTIONS", 64))?;
+    let duration = Duration::from_secs(seconds);
+    let shutdown = CancellationToken::new();
+    let folder = tempfile::tempdir()?;
+
+    let bare = start_bare(shutdown.clone()).await?;
+    let bare_url = format!("http://{bare}/webhooks/hana/lead.created");
+    let baseline = measure("bare axum endpoint", &bare_url, connections, duration).await?;
+
+    let sqlite_url = format!("sqlite://{}/bench.db", folder.path().display());
+    let sqlite = start_leadrelay(&sqlite_url, shutdown.clone()).await?;
+    let sqlite_measured = measure(
+        "SQLite",
+        &format!("http://{sqlite}/webhooks/hana/lead.created?token={TOKEN}"),
+        connections,
+        duration,
+    )
+    .await?;
+
+    let postgres = match TestDatabase::create("bench").await {
+        Ok(database) => {
+            let gateway = start_leadrelay(database.url(), shutdown.clone()).await?;
+            let measured = measure(
+                "Postgres",
+                &format!("http://{gateway}/webhooks/hana/lead.created?token={TOKEN}"),
+                connections,
+                duration,
+            )
+            .await?;
+            Ok((database, measured))
+        }
+        Err(error) => Err(error.to_string()),
+    };
+
+    println!();
+    println!(
+        "webhook ingest: {connections} connections, {seconds} s per target after 1 s warm-up, {} cores shared with the load generator",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
+    println!(
+        "{:<34} {:>9} {:>8} {:>8} {:>7} {:>10}",
+        "target", "req/s", "p50 ms", "p99 ms", "errors", "of bare"
+    );
+    let base = baseline.throughput();
+    row("bare axum endpoint (no storage)", &baseline, base);
+    row("gateway+orchestrator, SQLite", &sqlite_measured, base);
+    match &postgres {
+        Ok((_, measured)) => row("gateway+orchestrator, Postgres", measured, base),
+        Err(reason) => println!("gateway+orchestrator, Postgres     skipped: {reason}"),
+    }
+    shutdown.cancel();
+    if let Ok((database, _)) = postgres {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        database.drop_database().await?;
+    }
+    Ok(())
+}
