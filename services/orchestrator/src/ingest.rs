@@ -6,20 +6,19 @@
 //! than once per call. While one group commits, the next one gathers. A group whose transaction
 //! fails is retried call by call, so one bad call cannot fail its neighbours.
 
+mod entity;
+mod group;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use leadrelay_proto::v1::{
-    ContactRef, Deal, DealStatus, HanaEventKind, HanaWebhook, Lead, SourceRef, System,
-};
-use prost::Message;
+use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
 use sha2::{Digest, Sha256};
-use sqlx::{Any, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    mapping::{self, Attributes},
-    routes::{self, EntityType},
-    store::{Backend, Store, StoreError},
+    mapping,
+    routes::EntityType,
+    store::{Store, StoreError},
 };
 
 /// Most calls committed in one transaction.
@@ -63,6 +62,9 @@ pub enum IngestError {
     /// The writer has stopped (the orchestrator is shutting down).
     #[error("the orchestrator is shutting down")]
     Stopped,
+    /// Another orchestrator replica created an entity this group creates; retrying finds it.
+    #[error("another orchestrator replica wrote the same entity at the same time")]
+    Conflict,
 }
 
 impl From<sqlx::Error> for IngestError {
@@ -112,7 +114,7 @@ async fn write_groups(store: Store, policy: IngestPolicy, mut receiver: mpsc::Re
     let mut group = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
         let calls: Vec<&HanaCall> = group.iter().map(|pending| &pending.call).collect();
-        match commit_group(&store, &policy, &calls).await {
+        match commit(&store, &policy, &calls).await {
             Ok(outcomes) => {
                 for (pending, outcome) in group.drain(..).zip(outcomes) {
                     let _ = pending.reply.send(Ok(outcome));
@@ -121,7 +123,7 @@ async fn write_groups(store: Store, policy: IngestPolicy, mut receiver: mpsc::Re
             Err(error) => {
                 tracing::warn!(calls = group.len(), %error, "group commit failed; committing its calls one by one");
                 for pending in group.drain(..) {
-                    let outcome = commit_group(&store, &policy, &[&pending.call])
+                    let outcome = commit(&store, &policy, &[&pending.call])
                         .await
                         .map(|mut outcomes| outcomes.remove(0));
                     let _ = pending.reply.send(outcome);
@@ -131,19 +133,27 @@ async fn write_groups(store: Store, policy: IngestPolicy, mut receiver: mpsc::Re
     }
 }
 
-/// Stores every call in one transaction; the outcomes are in the calls' order.
-async fn commit_group(
+/// Commits a group, retrying when another replica created one of its entities first (the retry
+/// reads that entity and applies the group on top of it).
+async fn commit(
     store: &Store,
     policy: &IngestPolicy,
     calls: &[&HanaCall],
 ) -> Result<Vec<IngestOutcome>, IngestError> {
-    let mut transaction = store.pool().begin().await?;
-    let mut outcomes = Vec::with_capacity(calls.len());
-    for call in calls {
-        outcomes.push(store_call(&mut transaction, store.backend(), policy, call).await?);
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        match group::commit_group(store, policy, calls).await {
+            Err(IngestError::Conflict) if attempt < ATTEMPTS => attempt += 1,
+            outcome => return outcome,
+        }
     }
-    transaction.commit().await?;
-    Ok(outcomes)
+}
+
+/// The key an entity first captured in Hana is stored under: the application and the Hana id,
+/// length-prefixed so that no two pairs share a key.
+pub(crate) fn source_key(application_id: &str, hana_id: &str) -> String {
+    format!("hana:{}:{application_id}:{hana_id}", application_id.len())
 }
 
 /// A call that passed validation.
@@ -286,337 +296,6 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |elapsed| {
             i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
         })
-}
-
-async fn store_call(
-    transaction: &mut Transaction<'static, Any>,
-    backend: Backend,
-    policy: &IngestPolicy,
-    call: &HanaCall,
-) -> Result<IngestOutcome, IngestError> {
-    let valid = match validate(call, policy) {
-        Ok(valid) => valid,
-        Err(reason) => return quarantine(transaction, call, &reason).await,
-    };
-    let kind = kind_name(valid.kind);
-    let event_id = new_id("evt");
-    let dedupe_key = dedupe_key(valid.kind, valid.webhook, &call.raw_body);
-    let inserted: Option<String> = sqlx::query_scalar(
-        "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at, trace_context) \
-         VALUES ($1, 'hana', $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id",
-    )
-    .bind(&event_id)
-    .bind(kind)
-    .bind(&valid.webhook.application_id)
-    .bind(&dedupe_key)
-    .bind(call.raw_body.as_slice())
-    .bind(call.received_at_ms)
-    .bind(call.trace_context.as_deref())
-    .fetch_optional(&mut **transaction)
-    .await?;
-    if inserted.is_none() {
-        let first: String = sqlx::query_scalar(
-            "UPDATE events SET duplicate_count = duplicate_count + 1 \
-             WHERE source = 'hana' AND dedupe_key = $1 RETURNING id",
-        )
-        .bind(&dedupe_key)
-        .fetch_one(&mut **transaction)
-        .await?;
-        return Ok(IngestOutcome {
-            event_id: first,
-            duplicate: true,
-            quarantined: false,
-        });
-    }
-
-    let now = now_ms();
-    let (entity_type, entity_id) = match EntityType::of(valid.kind) {
-        EntityType::Lead => {
-            let lead_id = upsert_lead(transaction, backend, &valid, now).await?;
-            (EntityType::Lead, lead_id)
-        }
-        EntityType::Deal => {
-            let deal_id = upsert_deal(transaction, backend, &valid, now).await?;
-            (EntityType::Deal, deal_id)
-        }
-    };
-    let has_conversation = !valid.webhook.conversation_url.is_empty();
-    for planned in routes::default_plan(valid.kind, has_conversation) {
-        sqlx::query(
-            "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, state, \
-             attempts, next_attempt_at, last_error, trace_context, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, '', $8, $7, $7)",
-        )
-        .bind(new_id("job"))
-        .bind(&event_id)
-        .bind(planned.target.as_str())
-        .bind(planned.operation.as_str())
-        .bind(entity_type.as_str())
-        .bind(&entity_id)
-        .bind(now)
-        .bind(call.trace_context.as_deref())
-        .execute(&mut **transaction)
-        .await?;
-    }
-    Ok(IngestOutcome {
-        event_id,
-        duplicate: false,
-        quarantined: false,
-    })
-}
-
-async fn quarantine(
-    transaction: &mut Transaction<'static, Any>,
-    call: &HanaCall,
-    reason: &str,
-) -> Result<IngestOutcome, IngestError> {
-    let id = new_id("qtn");
-    sqlx::query(
-        "INSERT INTO quarantine (id, source, kind, reason, raw_body, received_at) \
-         VALUES ($1, 'hana', $2, $3, $4, $5)",
-    )
-    .bind(&id)
-    .bind(kind_name(call.kind))
-    .bind(reason)
-    .bind(call.raw_body.as_slice())
-    .bind(call.received_at_ms)
-    .execute(&mut **transaction)
-    .await?;
-    tracing::info!(quarantine_id = %id, reason, "webhook kept in quarantine");
-    Ok(IngestOutcome {
-        event_id: id,
-        duplicate: false,
-        quarantined: true,
-    })
-}
-
-/// Reads a stored entity for update: on Postgres the row stays locked until commit, so replicas
-/// ingesting updates of the same entity apply them one after the other.
-fn select_for_update(table: &str, backend: Backend) -> String {
-    let lock = match backend {
-        Backend::Postgres => " FOR UPDATE",
-        Backend::Sqlite => "",
-    };
-    format!("SELECT id, body FROM {table} WHERE source_key = $1{lock}")
-}
-
-/// Creates or changes the lead a lead event is about; returns its id.
-async fn upsert_lead(
-    transaction: &mut Transaction<'static, Any>,
-    backend: Backend,
-    valid: &ValidCall<'_>,
-    now: i64,
-) -> Result<String, IngestError> {
-    let webhook = valid.webhook;
-    let source_key = format!("hana:{}:{}", webhook.application_id, valid.hana_id);
-    loop {
-        let stored: Option<(String, Vec<u8>)> =
-            sqlx::query_as(&select_for_update("leads", backend))
-                .bind(&source_key)
-                .fetch_optional(&mut **transaction)
-                .await?;
-        let is_new = stored.is_none();
-        let (id, mut lead) = match stored {
-            Some((id, body)) => (id, Lead::decode(body.as_slice()).unwrap_or_default()),
-            None => (new_id("lead"), Lead::default()),
-        };
-        let mut attributes: Attributes = std::mem::take(&mut lead.raw);
-        mapping::merge(&mut attributes, &webhook.lead);
-        mapping::map_lead(&mut lead, &attributes, &webhook.conversation_url);
-        lead.id.clone_from(&id);
-        lead.source = Some(SourceRef {
-            system: System::Hana.into(),
-            app_id: webhook.application_id.clone(),
-            remote_id: valid.hana_id.clone(),
-        });
-        lead.deleted_at = match valid.kind {
-            HanaEventKind::LeadDeleted => Some(timestamp(now)),
-            // A lead created again after a delete is alive again.
-            HanaEventKind::LeadCreated => None,
-            _ => lead.deleted_at,
-        };
-        lead.updated_at = Some(timestamp(now));
-        if is_new {
-            lead.created_at = Some(timestamp(now));
-        }
-        let deleted_at = lead.deleted_at.as_ref().map(|_| now);
-        let body = lead.encode_to_vec();
-        if is_new {
-            let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO leads (id, source_key, body, created_at, updated_at, deleted_at) \
-                 VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (source_key) DO NOTHING RETURNING id",
-            )
-            .bind(&id)
-            .bind(&source_key)
-            .bind(body)
-            .bind(now)
-            .bind(deleted_at)
-            .fetch_optional(&mut **transaction)
-            .await?;
-            if inserted.is_none() {
-                // Another replica created it first: apply this call on top of theirs.
-                continue;
-            }
-            link(
-                transaction,
-                EntityType::Lead,
-                &id,
-                "hana_lead",
-                &valid.hana_id,
-                now,
-            )
-            .await?;
-        } else {
-            sqlx::query(
-                "UPDATE leads SET body = $1, updated_at = $2, deleted_at = $3 WHERE id = $4",
-            )
-            .bind(body)
-            .bind(now)
-            .bind(deleted_at)
-            .bind(&id)
-            .execute(&mut **transaction)
-            .await?;
-        }
-        return Ok(id);
-    }
-}
-
-/// Creates or changes the deal an opportunity event is about; returns its id.
-async fn upsert_deal(
-    transaction: &mut Transaction<'static, Any>,
-    backend: Backend,
-    valid: &ValidCall<'_>,
-    now: i64,
-) -> Result<String, IngestError> {
-    let webhook = valid.webhook;
-    let source_key = format!("hana:{}:{}", webhook.application_id, valid.hana_id);
-    // A ticket may carry its lead too: that lead is the deal's contact.
-    let contact_lead_id = contact_lead(transaction, &webhook.application_id, &webhook.lead).await?;
-    loop {
-        let stored: Option<(String, Vec<u8>)> =
-            sqlx::query_as(&select_for_update("deals", backend))
-                .bind(&source_key)
-                .fetch_optional(&mut **transaction)
-                .await?;
-        let is_new = stored.is_none();
-        let (id, mut deal) = match stored {
-            Some((id, body)) => (id, Deal::decode(body.as_slice()).unwrap_or_default()),
-            None => (new_id("deal"), Deal::default()),
-        };
-        let mut attributes: Attributes = std::mem::take(&mut deal.raw);
-        mapping::merge(&mut attributes, &webhook.opportunity);
-        mapping::map_deal(&mut deal, &attributes, &webhook.conversation_url);
-        if let Some(lead_id) = &contact_lead_id {
-            let contact = deal.contact.get_or_insert_with(ContactRef::default);
-            contact.lead_id.clone_from(lead_id);
-        }
-        deal.id.clone_from(&id);
-        deal.source = Some(SourceRef {
-            system: System::Hana.into(),
-            app_id: webhook.application_id.clone(),
-            remote_id: valid.hana_id.clone(),
-        });
-        match valid.kind {
-            HanaEventKind::OpportunityDeleted => {
-                deal.status = DealStatus::Deleted.into();
-                deal.deleted_at = Some(timestamp(now));
-            }
-            HanaEventKind::OpportunityCreated if deal.deleted_at.is_some() => {
-                deal.status = DealStatus::Open.into();
-                deal.deleted_at = None;
-            }
-            _ => {}
-        }
-        deal.updated_at = Some(timestamp(now));
-        if is_new {
-            deal.created_at = Some(timestamp(now));
-        }
-        let deleted_at = deal.deleted_at.as_ref().map(|_| now);
-        let contact = deal
-            .contact
-            .as_ref()
-            .map(|contact| contact.lead_id.clone())
-            .filter(|lead_id| !lead_id.is_empty());
-        let body = deal.encode_to_vec();
-        if is_new {
-            let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO deals (id, source_key, body, contact_lead_id, created_at, updated_at, deleted_at) \
-                 VALUES ($1, $2, $3, $4, $5, $5, $6) ON CONFLICT (source_key) DO NOTHING RETURNING id",
-            )
-            .bind(&id)
-            .bind(&source_key)
-            .bind(body)
-            .bind(contact)
-            .bind(now)
-            .bind(deleted_at)
-            .fetch_optional(&mut **transaction)
-            .await?;
-            if inserted.is_none() {
-                continue;
-            }
-            link(
-                transaction,
-                EntityType::Deal,
-                &id,
-                "hana_opportunity",
-                &valid.hana_id,
-                now,
-            )
-            .await?;
-        } else {
-            sqlx::query(
-                "UPDATE deals SET body = $1, contact_lead_id = $2, updated_at = $3, deleted_at = $4 WHERE id = $5",
-            )
-            .bind(body)
-            .bind(contact)
-            .bind(now)
-            .bind(deleted_at)
-            .bind(&id)
-            .execute(&mut **transaction)
-            .await?;
-        }
-        return Ok(id);
-    }
-}
-
-/// The id of the lead a ticket's `lead` section names, when that lead is already stored.
-async fn contact_lead(
-    transaction: &mut Transaction<'static, Any>,
-    application_id: &str,
-    lead: &Attributes,
-) -> Result<Option<String>, IngestError> {
-    let hana_id = mapping::hana_id(lead);
-    if hana_id.is_empty() {
-        return Ok(None);
-    }
-    let id = sqlx::query_scalar("SELECT id FROM leads WHERE source_key = $1")
-        .bind(format!("hana:{application_id}:{hana_id}"))
-        .fetch_optional(&mut **transaction)
-        .await?;
-    Ok(id)
-}
-
-async fn link(
-    transaction: &mut Transaction<'static, Any>,
-    entity_type: EntityType,
-    entity_id: &str,
-    kind: &str,
-    remote_id: &str,
-    now: i64,
-) -> Result<(), IngestError> {
-    sqlx::query(
-        "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at) \
-         VALUES ($1, $2, 'hana', $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
-    .bind(entity_type.as_str())
-    .bind(entity_id)
-    .bind(kind)
-    .bind(remote_id)
-    .bind(now)
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
 }
 
 /// A protobuf timestamp from unix milliseconds.

@@ -54,7 +54,7 @@ impl From<IngestError> for Status {
     fn from(error: IngestError) -> Self {
         match error {
             IngestError::Store(error) => store_status(&error),
-            IngestError::Stopped => Status::unavailable(error.to_string()),
+            IngestError::Stopped | IngestError::Conflict => Status::unavailable(error.to_string()),
         }
     }
 }

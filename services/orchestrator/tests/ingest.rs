@@ -1,0 +1,111 @@
+//! The group-commit writer: calls that share a group behave exactly as if committed one by one.
+
+use leadrelay_orchestrator::{
+    IngestPolicy, Store,
+    ingest::{HanaCall, Ingester},
+    queries::{self, EntityKey},
+};
+use leadrelay_proto::{
+    json::to_proto_value,
+    v1::{HanaEventKind, HanaWebhook, RawAttribute, System},
+};
+use leadrelay_runtime::config::DatabaseUrl;
+use leadrelay_testkit::TestDatabase;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn call(kind: HanaEventKind, lead_id: &str, name: &str) -> HanaCall {
+    let attribute = |value: &str| RawAttribute {
+        normalized: Some(to_proto_value(value.into())),
+        raw: Some(to_proto_value(value.into())),
+    };
+    let webhook = HanaWebhook {
+        application_id: "app".to_owned(),
+        lead: [("id", lead_id), ("baseName", name)]
+            .into_iter()
+            .map(|(attribute_name, value)| (attribute_name.to_owned(), attribute(value)))
+            .collect(),
+        ..Default::default()
+    };
+    let raw_body = format!(
+        r#"{{"application":{{"id":"app"}},"lead":{{"id":"{lead_id}","baseName":"{name}"}}}}"#
+    );
+    HanaCall {
+        kind,
+        body: Ok(webhook),
+        raw_body: raw_body.into_bytes(),
+        received_at_ms: 1_700_000_000_000,
+        trace_context: None,
+    }
+}
+
+async fn calls_sharing_a_group(store: Store) -> TestResult {
+    let ingester = Ingester::start(store.clone(), IngestPolicy::default());
+    // tokio::join! polls in order, so the calls enter the writer's queue in this order; arriving
+    // together they usually share a group, and the outcome must be the same whether they do or not.
+    let (first, again, other, renamed, renamed_again, broken) = tokio::join!(
+        ingester.ingest(call(HanaEventKind::LeadCreated, "lead-a", "First")),
+        ingester.ingest(call(HanaEventKind::LeadCreated, "lead-a", "First")),
+        ingester.ingest(call(HanaEventKind::LeadCreated, "lead-b", "Other")),
+        ingester.ingest(call(HanaEventKind::LeadUpdated, "lead-a", "Second")),
+        ingester.ingest(call(HanaEventKind::LeadUpdated, "lead-a", "Third")),
+        ingester.ingest(HanaCall {
+            body: Err("the body is not valid JSON".to_owned()),
+            ..call(HanaEventKind::LeadCreated, "x", "x")
+        }),
+    );
+    let (first, again, other) = (first?, again?, other?);
+    assert!(!first.duplicate && !first.quarantined);
+    assert!(
+        again.duplicate,
+        "the same body twice in one group is a duplicate"
+    );
+    assert_eq!(again.event_id, first.event_id);
+    assert!(!other.duplicate);
+    assert!(!renamed?.duplicate && !renamed_again?.duplicate);
+    assert!(broken?.quarantined);
+
+    let lead = queries::get_lead(
+        store.pool(),
+        &EntityKey::Remote {
+            system: System::Hana,
+            remote_id: "lead-a".to_owned(),
+        },
+    )
+    .await?
+    .ok_or("lead-a was not stored")?;
+    assert_eq!(
+        lead.name, "Third",
+        "events for one entity apply in arrival order"
+    );
+    let stats = queries::stats(store.pool()).await?;
+    assert_eq!(
+        (stats.events, stats.duplicates, stats.quarantined),
+        (4, 1, 1)
+    );
+    let jobs: u64 = stats.jobs.iter().map(|count| count.count).sum();
+    assert_eq!(
+        jobs, 8,
+        "two jobs per stored lead event, none for the duplicate"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sqlite_groups_behave_like_single_commits() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let url: DatabaseUrl = format!("sqlite://{}/lr.db", dir.path().display()).parse()?;
+    let store = Store::connect(&url).await?;
+    store.migrate().await?;
+    calls_sharing_a_group(store).await
+}
+
+#[tokio::test]
+async fn postgres_groups_behave_like_single_commits() -> TestResult {
+    let database = TestDatabase::create("ingest").await?;
+    let store = Store::connect(&database.url().parse()?).await?;
+    store.migrate().await?;
+    calls_sharing_a_group(store.clone()).await?;
+    store.close().await;
+    database.drop_database().await
+}
