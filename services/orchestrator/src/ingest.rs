@@ -84,37 +84,75 @@ pub struct IngestPolicy {
 #[derive(Clone, Debug)]
 pub struct Ingester {
     queue: mpsc::Sender<Pending>,
+    policy: std::sync::Arc<IngestPolicy>,
 }
 
 struct Pending {
-    call: HanaCall,
+    checked: CheckedCall,
     reply: oneshot::Sender<Result<IngestOutcome, IngestError>>,
+}
+
+/// A call whose validation is already decided. Deciding it (validation, the dedupe hash) happens
+/// in the caller's task, in parallel, so the serial writer does only database work.
+struct CheckedCall {
+    call: HanaCall,
+    verdict: Verdict,
+}
+
+/// What validation decided.
+enum Verdict {
+    /// The call is usable: its kind, the id of the entity it is about and its dedupe key.
+    Accept {
+        kind: HanaEventKind,
+        hana_id: String,
+        dedupe_key: String,
+    },
+    /// The call goes to quarantine, for this reason.
+    Quarantine(String),
+}
+
+impl CheckedCall {
+    fn new(call: HanaCall, policy: &IngestPolicy) -> Self {
+        let verdict = match validate(&call, policy) {
+            Ok(valid) => Verdict::Accept {
+                kind: valid.kind,
+                dedupe_key: dedupe_key(valid.kind, valid.webhook, &call.raw_body),
+                hana_id: valid.hana_id,
+            },
+            Err(reason) => Verdict::Quarantine(reason),
+        };
+        Self { call, verdict }
+    }
 }
 
 impl Ingester {
     /// Starts the writer task. It stops once every handle is dropped and the queue is drained.
     pub fn start(store: Store, policy: IngestPolicy) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(write_groups(store, policy, receiver));
-        Self { queue }
+        tokio::spawn(write_groups(store, receiver));
+        Self {
+            queue,
+            policy: std::sync::Arc::new(policy),
+        }
     }
 
     /// Stores a call; returns once it is committed.
     pub async fn ingest(&self, call: HanaCall) -> Result<IngestOutcome, IngestError> {
         let (reply, answer) = oneshot::channel();
+        let checked = CheckedCall::new(call, &self.policy);
         self.queue
-            .send(Pending { call, reply })
+            .send(Pending { checked, reply })
             .await
             .map_err(|_| IngestError::Stopped)?;
         answer.await.map_err(|_| IngestError::Stopped)?
     }
 }
 
-async fn write_groups(store: Store, policy: IngestPolicy, mut receiver: mpsc::Receiver<Pending>) {
+async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let calls: Vec<&HanaCall> = group.iter().map(|pending| &pending.call).collect();
-        match commit(&store, &policy, &calls).await {
+        let calls: Vec<&CheckedCall> = group.iter().map(|pending| &pending.checked).collect();
+        match commit(&store, &calls).await {
             Ok(outcomes) => {
                 for (pending, outcome) in group.drain(..).zip(outcomes) {
                     let _ = pending.reply.send(Ok(outcome));
@@ -123,7 +161,7 @@ async fn write_groups(store: Store, policy: IngestPolicy, mut receiver: mpsc::Re
             Err(error) => {
                 tracing::warn!(calls = group.len(), %error, "group commit failed; committing its calls one by one");
                 for pending in group.drain(..) {
-                    let outcome = commit(&store, &policy, &[&pending.call])
+                    let outcome = commit(&store, &[&pending.checked])
                         .await
                         .map(|mut outcomes| outcomes.remove(0));
                     let _ = pending.reply.send(outcome);
@@ -135,15 +173,11 @@ async fn write_groups(store: Store, policy: IngestPolicy, mut receiver: mpsc::Re
 
 /// Commits a group, retrying when another replica created one of its entities first (the retry
 /// reads that entity and applies the group on top of it).
-async fn commit(
-    store: &Store,
-    policy: &IngestPolicy,
-    calls: &[&HanaCall],
-) -> Result<Vec<IngestOutcome>, IngestError> {
+async fn commit(store: &Store, calls: &[&CheckedCall]) -> Result<Vec<IngestOutcome>, IngestError> {
     const ATTEMPTS: usize = 3;
     let mut attempt = 1;
     loop {
-        match group::commit_group(store, policy, calls).await {
+        match group::commit_group(store, calls).await {
             Err(IngestError::Conflict) if attempt < ATTEMPTS => attempt += 1,
             outcome => return outcome,
         }

@@ -9,9 +9,9 @@ use leadrelay_proto::v1::{Deal, Lead};
 use sqlx::{Any, Transaction};
 
 use super::{
-    HanaCall, IngestError, IngestOutcome, IngestPolicy, ValidCall, dedupe_key,
+    CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict,
     entity::{CanonicalEntity, EventFacts},
-    kind_name, new_id, now_ms, source_key, validate,
+    kind_name, new_id, now_ms, source_key,
 };
 use crate::{
     mapping,
@@ -73,29 +73,42 @@ impl Placeholders {
 /// Stores every call of the group in one transaction; the outcomes are in the calls' order.
 pub(super) async fn commit_group(
     store: &Store,
-    policy: &IngestPolicy,
-    calls: &[&HanaCall],
+    checked: &[&CheckedCall],
 ) -> Result<Vec<IngestOutcome>, IngestError> {
     let now = now_ms();
+    let calls: Vec<&HanaCall> = checked.iter().map(|checked| &checked.call).collect();
     let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; calls.len()];
     let mut quarantined = Vec::new();
     let mut accepted = Vec::new();
-    for (index, call) in calls.iter().enumerate() {
-        match validate(call, policy) {
-            Ok(valid) => accepted.push(Accepted {
+    for (index, checked) in checked.iter().enumerate() {
+        match (&checked.verdict, &checked.call.body) {
+            (
+                Verdict::Accept {
+                    kind,
+                    hana_id,
+                    dedupe_key,
+                },
+                Ok(webhook),
+            ) => accepted.push(Accepted {
                 index,
-                call,
-                dedupe_key: dedupe_key(valid.kind, valid.webhook, &call.raw_body),
+                call: &checked.call,
+                valid: ValidCall {
+                    kind: *kind,
+                    webhook,
+                    hana_id: hana_id.clone(),
+                },
+                dedupe_key: dedupe_key.clone(),
                 event_id: new_id("evt"),
-                valid,
             }),
-            Err(reason) => quarantined.push((index, new_id("qtn"), reason)),
+            (Verdict::Quarantine(reason), _) | (Verdict::Accept { .. }, Err(reason)) => {
+                quarantined.push((index, new_id("qtn"), reason.clone()));
+            }
         }
     }
 
     let sql = Placeholders(store.backend());
     let mut transaction = store.pool().begin().await?;
-    insert_quarantined(&mut transaction, sql, calls, &quarantined).await?;
+    insert_quarantined(&mut transaction, sql, &calls, &quarantined).await?;
     for (index, id, reason) in quarantined {
         tracing::info!(quarantine_id = %id, reason, "webhook kept in quarantine");
         outcomes[index] = Some(IngestOutcome {
