@@ -6,7 +6,6 @@
 //! than once per call. While one group commits, the next one gathers. A group whose transaction
 //! fails is retried call by call, so one bad call cannot fail its neighbours.
 
-mod entity;
 mod group;
 
 use std::time::{SystemTime, UNIX_EPOCH};

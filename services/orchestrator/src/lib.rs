@@ -1,6 +1,7 @@
 //! The orchestrator: owns the durable store, ingests events, plans and runs sync jobs and serves
 //! the admin API (`leadrelay.v1.OrchestratorService`).
 
+mod entity;
 pub mod ingest;
 pub mod mapping;
 pub mod queries;

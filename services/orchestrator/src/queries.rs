@@ -3,10 +3,10 @@
 use leadrelay_proto::v1::{
     Deal, Event, ExternalRef, Job, JobCount, JobState, Lead, QuarantinedCall, RemoteKind, System,
 };
-use prost::Message;
 use sqlx::{AnyPool, Row, any::AnyRow};
 
 use crate::{
+    entity::CanonicalEntity,
     ingest::timestamp,
     routes::{EntityType, Operation, system_from_name, system_name},
     store::StoreError,
@@ -73,34 +73,31 @@ impl Page {
 
 /// Returns a lead with its links.
 pub async fn get_lead(pool: &AnyPool, key: &EntityKey) -> Result<Option<Lead>, StoreError> {
-    let Some(id) = resolve(pool, EntityType::Lead, key).await? else {
-        return Ok(None);
-    };
-    let body: Option<Vec<u8>> = sqlx::query_scalar("SELECT body FROM leads WHERE id = $1")
-        .bind(&id)
-        .fetch_optional(pool)
-        .await?;
-    let Some(body) = body else { return Ok(None) };
-    let mut lead =
-        Lead::decode(body.as_slice()).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-    lead.external_refs = links(pool, EntityType::Lead, &id).await?;
-    Ok(Some(lead))
+    get_entity(pool, key).await
 }
 
 /// Returns a deal with its links.
 pub async fn get_deal(pool: &AnyPool, key: &EntityKey) -> Result<Option<Deal>, StoreError> {
-    let Some(id) = resolve(pool, EntityType::Deal, key).await? else {
+    get_entity(pool, key).await
+}
+
+async fn get_entity<E: CanonicalEntity>(
+    pool: &AnyPool,
+    key: &EntityKey,
+) -> Result<Option<E>, StoreError> {
+    let Some(id) = resolve(pool, E::ENTITY_TYPE, key).await? else {
         return Ok(None);
     };
-    let body: Option<Vec<u8>> = sqlx::query_scalar("SELECT body FROM deals WHERE id = $1")
-        .bind(&id)
-        .fetch_optional(pool)
-        .await?;
+    let body: Option<Vec<u8>> =
+        sqlx::query_scalar(&format!("SELECT body FROM {} WHERE id = $1", E::TABLE))
+            .bind(&id)
+            .fetch_optional(pool)
+            .await?;
     let Some(body) = body else { return Ok(None) };
-    let mut deal =
-        Deal::decode(body.as_slice()).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-    deal.external_refs = links(pool, EntityType::Deal, &id).await?;
-    Ok(Some(deal))
+    let mut entity =
+        E::decode(body.as_slice()).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    entity.set_external_refs(links(pool, E::ENTITY_TYPE, &id).await?);
+    Ok(Some(entity))
 }
 
 async fn resolve(

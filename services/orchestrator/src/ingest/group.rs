@@ -9,11 +9,11 @@ use leadrelay_proto::v1::{Deal, Lead};
 use sqlx::{Any, Transaction};
 
 use super::{
-    CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict,
-    entity::{CanonicalEntity, EventFacts},
-    kind_name, new_id, now_ms, source_key,
+    CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict, kind_name, new_id,
+    now_ms, source_key,
 };
 use crate::{
+    entity::{CanonicalEntity, EventFacts},
     mapping,
     routes::{self, EntityType},
     store::{Backend, Store},

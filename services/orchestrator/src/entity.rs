@@ -1,15 +1,14 @@
-//! What ingest does to a canonical entity: the same steps for leads and deals, with the
+//! The canonical entities as the store keeps them: the same steps for leads and deals, with the
 //! differences (table, link kind, delete semantics, contact) in one trait.
 
 use leadrelay_proto::v1::{
-    ContactRef, Deal, DealStatus, HanaEventKind, HanaWebhook, Lead, SourceRef, System,
+    ContactRef, Deal, DealStatus, ExternalRef, HanaEventKind, HanaWebhook, Lead, SourceRef, System,
 };
 
-use super::timestamp;
-use crate::{mapping, routes::EntityType};
+use crate::{ingest::timestamp, mapping, routes::EntityType};
 
 /// A canonical entity that Hana events create and change.
-pub(super) trait CanonicalEntity: prost::Message + Default {
+pub(crate) trait CanonicalEntity: prost::Message + Default {
     /// The entity type stored on jobs and links.
     const ENTITY_TYPE: EntityType;
     /// The table holding it.
@@ -29,17 +28,20 @@ pub(super) trait CanonicalEntity: prost::Message + Default {
 
     /// The lead the entity belongs to, for deals.
     fn contact_lead_id(&self) -> Option<String>;
+
+    /// Sets the entity's links, read from the links table.
+    fn set_external_refs(&mut self, refs: Vec<ExternalRef>);
 }
 
 /// What an event says about one entity.
-pub(super) struct EventFacts<'a> {
-    pub(super) id: &'a str,
-    pub(super) is_new: bool,
-    pub(super) kind: HanaEventKind,
-    pub(super) webhook: &'a HanaWebhook,
-    pub(super) hana_id: &'a str,
-    pub(super) contact_lead_id: Option<&'a str>,
-    pub(super) now: i64,
+pub(crate) struct EventFacts<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) is_new: bool,
+    pub(crate) kind: HanaEventKind,
+    pub(crate) webhook: &'a HanaWebhook,
+    pub(crate) hana_id: &'a str,
+    pub(crate) contact_lead_id: Option<&'a str>,
+    pub(crate) now: i64,
 }
 
 impl EventFacts<'_> {
@@ -88,6 +90,10 @@ impl CanonicalEntity for Lead {
     fn contact_lead_id(&self) -> Option<String> {
         None
     }
+
+    fn set_external_refs(&mut self, refs: Vec<ExternalRef>) {
+        self.external_refs = refs;
+    }
 }
 
 impl CanonicalEntity for Deal {
@@ -133,5 +139,9 @@ impl CanonicalEntity for Deal {
             .as_ref()
             .map(|contact| contact.lead_id.clone())
             .filter(|lead_id| !lead_id.is_empty())
+    }
+
+    fn set_external_refs(&mut self, refs: Vec<ExternalRef>) {
+        self.external_refs = refs;
     }
 }
