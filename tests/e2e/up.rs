@@ -320,3 +320,48 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
     assert!(!up.logs().contains("pd-test-token"));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_pipedrive_webhook_checks_basic_auth_and_never_acknowledges_what_it_cannot_store()
+-> TestResult {
+    let folder = tempfile::tempdir()?;
+    let up = Up::start(
+        folder.path(),
+        &[
+            ("LEADRELAY_PIPEDRIVE_WEBHOOK_USER", "pipedrive"),
+            ("LEADRELAY_PIPEDRIVE_WEBHOOK_PASSWORD", "hook-secret"),
+        ],
+    )?;
+    let url = format!("{}/webhooks/pipedrive", up.gateway_url());
+    let http = reqwest::Client::new();
+    let body = r#"{"meta":{"id":"1","action":"change","entity":"deal"},"data":{"id":7}}"#;
+
+    let anonymous = http.post(&url).body(body).send().await?;
+    assert_eq!(anonymous.status(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    let wrong = http
+        .post(&url)
+        .basic_auth("pipedrive", Some("guess"))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+
+    // Authenticated, but Pipedrive ingest is not built yet: 503, so Pipedrive redelivers later.
+    let authenticated = http
+        .post(&url)
+        .basic_auth("pipedrive", Some("hook-secret"))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(authenticated.status(), 503);
+    let json: serde_json::Value = authenticated.json().await?;
+    assert!(
+        json["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("IngestPipedriveEvent")),
+        "{json}"
+    );
+    assert!(!up.logs().contains("hook-secret"));
+    Ok(())
+}
