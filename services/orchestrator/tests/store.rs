@@ -11,13 +11,8 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 const TABLES: [&str; 6] = ["deals", "events", "jobs", "leads", "links", "quarantine"];
 
-#[tokio::test]
-async fn sqlite_file_and_folder_are_created_in_wal_mode() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("nested/state/leadrelay.db");
-    let url: DatabaseUrl = format!("sqlite://{}", path.display()).parse()?;
-    let store = Store::connect(&url).await?;
-
+/// The first migration applies the schema; the second finds nothing to do.
+async fn migrates_once(store: &Store) -> TestResult {
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
@@ -32,6 +27,17 @@ async fn sqlite_file_and_folder_are_created_in_wal_mode() -> TestResult {
             version: 1
         }
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sqlite_file_and_folder_are_created_in_wal_mode() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("nested/state/leadrelay.db");
+    let url: DatabaseUrl = format!("sqlite://{}", path.display()).parse()?;
+    let store = Store::connect(&url).await?;
+
+    migrates_once(&store).await?;
     assert!(path.exists());
     assert_eq!(store.backend(), Backend::Sqlite);
     let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
@@ -59,20 +65,7 @@ async fn postgres_is_migrated_once() -> TestResult {
     let url: DatabaseUrl = database.url().parse()?;
     let store = Store::connect(&url).await?;
 
-    assert_eq!(
-        store.migrate().await?,
-        MigrationReport {
-            applied: 1,
-            version: 1
-        }
-    );
-    assert_eq!(
-        store.migrate().await?,
-        MigrationReport {
-            applied: 0,
-            version: 1
-        }
-    );
+    migrates_once(&store).await?;
     assert_eq!(store.backend(), Backend::Postgres);
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
