@@ -31,7 +31,6 @@ use tower_http::trace::TraceLayer;
 
 pub use auth::{BasicCredentials, TOKEN_HEADER};
 pub use error::GatewayError;
-pub use webhooks::hana_event_kind;
 
 /// The largest webhook body accepted; larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;

@@ -22,21 +22,6 @@ use crate::{
     hana_body::parse_hana_body,
 };
 
-/// Maps the `{event}` of `/webhooks/hana/{event}` to an event kind; `ticket.*` are aliases of
-/// `opportunity.*`, as Hana calls opportunities tickets.
-pub fn hana_event_kind(name: &str) -> Option<HanaEventKind> {
-    let kind = match name {
-        "lead.created" => HanaEventKind::LeadCreated,
-        "lead.updated" => HanaEventKind::LeadUpdated,
-        "lead.deleted" => HanaEventKind::LeadDeleted,
-        "opportunity.created" | "ticket.created" => HanaEventKind::OpportunityCreated,
-        "opportunity.updated" | "ticket.updated" => HanaEventKind::OpportunityUpdated,
-        "opportunity.deleted" | "ticket.deleted" => HanaEventKind::OpportunityDeleted,
-        _ => return None,
-    };
-    Some(kind)
-}
-
 /// `?token=` on Hana webhook URLs.
 #[derive(Debug, Deserialize)]
 pub(crate) struct TokenQuery {
@@ -115,7 +100,7 @@ async fn hana_call(
     }
     let kind = match event {
         None => HanaEventKind::Unspecified,
-        Some(event) => hana_event_kind(&event).ok_or_else(|| {
+        Some(event) => HanaEventKind::from_event_name(&event).ok_or_else(|| {
             GatewayError::NotFound(format!(
                 "unknown Hana event '{event}'; use lead.created, lead.updated, lead.deleted, opportunity.created, opportunity.updated or opportunity.deleted (ticket.* also accepted)"
             ))
@@ -183,30 +168,4 @@ pub(crate) async fn pipedrive(
         .map_err(|status| GatewayError::from_ingest_status(&status))?
         .into_inner();
     Ok(Accepted::new(answer.event_id, answer.duplicate))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ticket_events_are_aliases_of_opportunity_events() {
-        assert_eq!(
-            hana_event_kind("ticket.created"),
-            Some(HanaEventKind::OpportunityCreated)
-        );
-        assert_eq!(
-            hana_event_kind("ticket.updated"),
-            Some(HanaEventKind::OpportunityUpdated)
-        );
-        assert_eq!(
-            hana_event_kind("ticket.deleted"),
-            hana_event_kind("opportunity.deleted")
-        );
-        assert_eq!(
-            hana_event_kind("lead.updated"),
-            Some(HanaEventKind::LeadUpdated)
-        );
-        assert_eq!(hana_event_kind("lead.merged"), None);
-    }
 }

@@ -10,6 +10,7 @@
     clippy::large_enum_variant
 )]
 
+mod hana_events;
 pub mod json;
 
 /// `leadrelay.v1`: the canonical model, `CrmSyncService` and `OrchestratorService`.

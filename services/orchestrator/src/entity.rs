@@ -5,7 +5,11 @@ use leadrelay_proto::v1::{
     ContactRef, Deal, DealStatus, ExternalRef, HanaEventKind, HanaWebhook, Lead, SourceRef, System,
 };
 
-use crate::{ingest::timestamp, mapping, routes::EntityType};
+use crate::{
+    ingest::{millis, timestamp},
+    mapping,
+    routes::EntityType,
+};
 
 /// A canonical entity that Hana events create and change.
 pub(crate) trait CanonicalEntity: prost::Message + Default {
@@ -52,10 +56,6 @@ impl EventFacts<'_> {
             remote_id: self.hana_id.to_owned(),
         }
     }
-}
-
-fn millis(at: &prost_types::Timestamp) -> i64 {
-    at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
 }
 
 impl CanonicalEntity for Lead {

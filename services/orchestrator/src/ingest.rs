@@ -196,36 +196,10 @@ struct ValidCall<'a> {
     hana_id: String,
 }
 
-/// The event's kind name, e.g. `lead.created`.
-pub fn kind_name(kind: HanaEventKind) -> &'static str {
-    match kind {
-        HanaEventKind::Unspecified => "unknown",
-        HanaEventKind::LeadCreated => "lead.created",
-        HanaEventKind::LeadUpdated => "lead.updated",
-        HanaEventKind::LeadDeleted => "lead.deleted",
-        HanaEventKind::OpportunityCreated => "opportunity.created",
-        HanaEventKind::OpportunityUpdated => "opportunity.updated",
-        HanaEventKind::OpportunityDeleted => "opportunity.deleted",
-    }
-}
-
-/// The kind named by a body's `event_name`, in LeadRelay's words or with `ticket.` for
-/// `opportunity.`.
+/// The kind named by a body's `event_name`: as the URLs spell it, but forgiving of case and
+/// surrounding blanks.
 fn kind_from_name(name: &str) -> Option<HanaEventKind> {
-    let name = name
-        .trim()
-        .to_ascii_lowercase()
-        .replace("ticket.", "opportunity.");
-    [
-        HanaEventKind::LeadCreated,
-        HanaEventKind::LeadUpdated,
-        HanaEventKind::LeadDeleted,
-        HanaEventKind::OpportunityCreated,
-        HanaEventKind::OpportunityUpdated,
-        HanaEventKind::OpportunityDeleted,
-    ]
-    .into_iter()
-    .find(|kind| kind_name(*kind) == name)
+    HanaEventKind::from_event_name(&name.trim().to_ascii_lowercase())
 }
 
 /// Decides whether a call can be used, and why not.
@@ -259,7 +233,7 @@ fn validate<'a>(call: &'a HanaCall, policy: &IngestPolicy) -> Result<ValidCall<'
     if hana_id.is_empty() {
         return Err(format!(
             "{} without an id: `{section}.id` is missing",
-            kind_name(kind)
+            kind.event_name()
         ));
     }
     Ok(ValidCall {
@@ -277,7 +251,7 @@ fn dedupe_key(kind: HanaEventKind, webhook: &HanaWebhook, raw_body: &[u8]) -> St
         .unwrap_or_else(|_| String::from_utf8_lossy(raw_body).into_owned());
     let mut hasher = Sha256::new();
     for part in [
-        kind_name(kind),
+        kind.event_name(),
         webhook.application_id.as_str(),
         canonical.as_str(),
     ] {
@@ -329,6 +303,11 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |elapsed| {
             i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
         })
+}
+
+/// Unix milliseconds from a protobuf timestamp.
+pub(crate) fn millis(at: &prost_types::Timestamp) -> i64 {
+    at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
 }
 
 /// A protobuf timestamp from unix milliseconds.

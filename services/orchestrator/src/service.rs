@@ -14,7 +14,7 @@ use leadrelay_runtime::{adapter::not_implemented, propagation::current_tracepare
 use tonic::{Request, Response, Status};
 
 use crate::{
-    ingest::{HanaCall, IngestError, IngestPolicy, Ingester, now_ms, timestamp},
+    ingest::{HanaCall, IngestError, IngestPolicy, Ingester, millis, now_ms, timestamp},
     queries::{self, EntityKey, Page},
     store::{Store, StoreError},
 };
@@ -96,9 +96,7 @@ impl OrchestratorService for Orchestrator {
             Some(ingest_hana_event_request::Body::Unparsed(unparsed)) => Err(unparsed.reason),
             None => Err("the call carried no body".to_owned()),
         };
-        let received_at_ms = request.received_at.map_or_else(now_ms, |at| {
-            at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
-        });
+        let received_at_ms = request.received_at.as_ref().map_or_else(now_ms, millis);
         let call = HanaCall {
             kind: HanaEventKind::try_from(request.kind).unwrap_or(HanaEventKind::Unspecified),
             body,

@@ -9,8 +9,8 @@ use leadrelay_proto::v1::{Deal, Lead};
 use sqlx::{Any, Transaction};
 
 use super::{
-    CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict, kind_name, new_id,
-    now_ms, source_key,
+    CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict, new_id, now_ms,
+    source_key,
 };
 use crate::{
     entity::{CanonicalEntity, EventFacts},
@@ -200,7 +200,7 @@ async fn insert_quarantined(
         let call = calls[*index];
         query = query
             .bind(id)
-            .bind(kind_name(call.kind))
+            .bind(call.kind.event_name())
             .bind(reason)
             .bind(call.raw_body.as_slice())
             .bind(call.received_at_ms);
@@ -227,7 +227,7 @@ async fn insert_events(
     for call in candidates {
         query = query
             .bind(&call.event_id)
-            .bind(kind_name(call.valid.kind))
+            .bind(call.valid.kind.event_name())
             .bind(&call.valid.webhook.application_id)
             .bind(&call.dedupe_key)
             .bind(call.call.raw_body.as_slice())
