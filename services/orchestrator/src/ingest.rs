@@ -7,6 +7,7 @@
 //! fails is retried call by call, so one bad call cannot fail its neighbours.
 
 mod group;
+mod sql;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,10 +15,12 @@ use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::sql::SqliteError;
+use self::sql::{PooledTransaction, SqliteTransaction};
 use crate::{
     mapping,
     routes::EntityType,
-    store::{Store, StoreError},
+    store::{Backend, Store, StoreError},
 };
 
 /// Most calls committed in one transaction.
@@ -125,14 +128,31 @@ impl CheckedCall {
 }
 
 impl Ingester {
-    /// Starts the writer task. It stops once every handle is dropped and the queue is drained.
-    pub fn start(store: Store, policy: IngestPolicy) -> Self {
+    /// Starts the writer. It stops once every handle is dropped and the queue is drained.
+    ///
+    /// On SQLite the writer owns a connection and a thread of its own and runs each group's
+    /// statements synchronously; on Postgres it is a task on the runtime, using the pool.
+    pub fn start(store: Store, policy: IngestPolicy) -> Result<Self, StoreError> {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(write_groups(store, receiver));
-        Self {
+        match store.sqlite_path() {
+            Some(path) => {
+                let committer = SqliteCommitter::open(path)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .map_err(StoreError::Writer)?;
+                std::thread::Builder::new()
+                    .name("leadrelay-sqlite-writer".to_owned())
+                    .spawn(move || runtime.block_on(write_groups(committer, receiver)))
+                    .map_err(StoreError::Writer)?;
+            }
+            None => {
+                tokio::spawn(write_groups(PoolCommitter(store), receiver));
+            }
+        }
+        Ok(Self {
             queue,
             policy: std::sync::Arc::new(policy),
-        }
+        })
     }
 
     /// Stores a call; returns once it is committed.
@@ -147,11 +167,92 @@ impl Ingester {
     }
 }
 
-async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
+/// Commits one group in one transaction.
+trait Committer {
+    async fn commit_once(
+        &mut self,
+        calls: &[&CheckedCall],
+    ) -> Result<Vec<IngestOutcome>, IngestError>;
+
+    /// Commits a group, retrying when another replica created one of its entities first (the
+    /// retry reads that entity and applies the group on top of it).
+    async fn commit(&mut self, calls: &[&CheckedCall]) -> Result<Vec<IngestOutcome>, IngestError> {
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            match self.commit_once(calls).await {
+                Err(IngestError::Conflict) if attempt < ATTEMPTS => attempt += 1,
+                outcome => return outcome,
+            }
+        }
+    }
+}
+
+/// Commits through the sqlx pool (Postgres).
+struct PoolCommitter(Store);
+
+impl Committer for PoolCommitter {
+    async fn commit_once(
+        &mut self,
+        calls: &[&CheckedCall],
+    ) -> Result<Vec<IngestOutcome>, IngestError> {
+        let mut transaction = PooledTransaction(self.0.pool().begin().await?);
+        let outcomes = group::commit_group(&mut transaction, self.0.backend(), calls).await?;
+        transaction.0.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+/// Settings of the SQLite writer's connection; `synchronous = FULL` makes an acknowledged event
+/// survive power loss, not only a crash. The file is already in WAL mode (the store set it).
+const SQLITE_WRITER_PRAGMAS: &str =
+    "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
+
+/// Prepared statements the SQLite writer keeps: every chunk size of every statement it runs.
+const SQLITE_STATEMENT_CACHE: usize = 128;
+
+/// Commits through the writer's own SQLite connection.
+struct SqliteCommitter(rusqlite::Connection);
+
+impl SqliteCommitter {
+    fn open(path: &std::path::Path) -> Result<Self, StoreError> {
+        let connection = rusqlite::Connection::open(path).map_err(SqliteError::from)?;
+        connection
+            .execute_batch(SQLITE_WRITER_PRAGMAS)
+            .map_err(SqliteError::from)?;
+        connection.set_prepared_statement_cache_capacity(SQLITE_STATEMENT_CACHE);
+        Ok(Self(connection))
+    }
+}
+
+impl Committer for SqliteCommitter {
+    async fn commit_once(
+        &mut self,
+        calls: &[&CheckedCall],
+    ) -> Result<Vec<IngestOutcome>, IngestError> {
+        // IMMEDIATE takes the write lock up front, so the group never fails half-way for it.
+        self.0.execute_batch("BEGIN IMMEDIATE")?;
+        let outcomes =
+            group::commit_group(&mut SqliteTransaction(&mut self.0), Backend::Sqlite, calls).await;
+        let committed = outcomes.and_then(|outcomes| {
+            self.0.execute_batch("COMMIT")?;
+            Ok(outcomes)
+        });
+        if committed.is_err()
+            && !self.0.is_autocommit()
+            && let Err(error) = self.0.execute_batch("ROLLBACK")
+        {
+            tracing::warn!(%error, "rolling back a failed ingest group failed");
+        }
+        committed
+    }
+}
+
+async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receiver<Pending>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
         let calls: Vec<&CheckedCall> = group.iter().map(|pending| &pending.checked).collect();
-        match commit(&store, &calls).await {
+        match committer.commit(&calls).await {
             Ok(outcomes) => {
                 for (pending, outcome) in group.drain(..).zip(outcomes) {
                     let _ = pending.reply.send(Ok(outcome));
@@ -160,25 +261,13 @@ async fn write_groups(store: Store, mut receiver: mpsc::Receiver<Pending>) {
             Err(error) => {
                 tracing::warn!(calls = group.len(), %error, "group commit failed; committing its calls one by one");
                 for pending in group.drain(..) {
-                    let outcome = commit(&store, &[&pending.checked])
+                    let outcome = committer
+                        .commit(&[&pending.checked])
                         .await
                         .map(|mut outcomes| outcomes.remove(0));
                     let _ = pending.reply.send(outcome);
                 }
             }
-        }
-    }
-}
-
-/// Commits a group, retrying when another replica created one of its entities first (the retry
-/// reads that entity and applies the group on top of it).
-async fn commit(store: &Store, calls: &[&CheckedCall]) -> Result<Vec<IngestOutcome>, IngestError> {
-    const ATTEMPTS: usize = 3;
-    let mut attempt = 1;
-    loop {
-        match group::commit_group(store, calls).await {
-            Err(IngestError::Conflict) if attempt < ATTEMPTS => attempt += 1,
-            outcome => return outcome,
         }
     }
 }
@@ -246,49 +335,80 @@ fn validate<'a>(call: &'a HanaCall, policy: &IngestPolicy) -> Result<ValidCall<'
 /// The key redeliveries are recognised by: the source, the kind, the application and the body
 /// with its keys sorted (so a re-serialised redelivery still matches).
 fn dedupe_key(kind: HanaEventKind, webhook: &HanaWebhook, raw_body: &[u8]) -> String {
-    let canonical = serde_json::from_slice::<serde_json::Value>(raw_body)
-        .map(|json| canonical_json(&json))
-        .unwrap_or_else(|_| String::from_utf8_lossy(raw_body).into_owned());
     let mut hasher = Sha256::new();
-    for part in [
-        kind.event_name(),
-        webhook.application_id.as_str(),
-        canonical.as_str(),
-    ] {
+    for part in [kind.event_name(), webhook.application_id.as_str()] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    match serde_json::from_slice::<serde_json::Value>(raw_body) {
+        Ok(json) => hash_canonical_json(&json, &mut hasher),
+        Err(_) => hasher.update(raw_body),
+    }
+    hasher.update([0]);
+    hex(&hasher.finalize())
 }
 
-/// JSON with object keys sorted at every level.
-fn canonical_json(value: &serde_json::Value) -> String {
+/// Feeds JSON into `hasher` with object keys sorted at every level and no whitespace, without
+/// building the text: this runs for every webhook.
+fn hash_canonical_json(value: &serde_json::Value, hasher: &mut Sha256) {
     match value {
         serde_json::Value::Object(fields) => {
-            let mut names: Vec<&String> = fields.keys().collect();
-            names.sort();
-            let parts: Vec<String> = names
-                .into_iter()
-                .map(|name| {
-                    format!(
-                        "{}:{}",
-                        serde_json::Value::String(name.clone()),
-                        canonical_json(&fields[name])
-                    )
-                })
-                .collect();
-            format!("{{{}}}", parts.join(","))
+            let mut entries: Vec<(&String, &serde_json::Value)> = fields.iter().collect();
+            entries.sort_unstable_by(|left, right| left.0.cmp(right.0));
+            hasher.update(b"{");
+            for (position, (name, field)) in entries.into_iter().enumerate() {
+                if position > 0 {
+                    hasher.update(b",");
+                }
+                hash_json_string(name, hasher);
+                hasher.update(b":");
+                hash_canonical_json(field, hasher);
+            }
+            hasher.update(b"}");
         }
         serde_json::Value::Array(items) => {
-            let parts: Vec<String> = items.iter().map(canonical_json).collect();
-            format!("[{}]", parts.join(","))
+            hasher.update(b"[");
+            for (position, item) in items.iter().enumerate() {
+                if position > 0 {
+                    hasher.update(b",");
+                }
+                hash_canonical_json(item, hasher);
+            }
+            hasher.update(b"]");
         }
-        scalar => scalar.to_string(),
+        serde_json::Value::String(text) => hash_json_string(text, hasher),
+        serde_json::Value::Number(number) => hasher.update(number.to_string().as_bytes()),
+        serde_json::Value::Bool(true) => hasher.update(b"true"),
+        serde_json::Value::Bool(false) => hasher.update(b"false"),
+        serde_json::Value::Null => hasher.update(b"null"),
     }
+}
+
+/// A JSON string literal, escaped as serde_json escapes it, fed into `hasher`.
+fn hash_json_string(text: &str, hasher: &mut Sha256) {
+    struct Feed<'h>(&'h mut Sha256);
+    impl std::io::Write for Feed<'_> {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // Writing a string into a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(Feed(hasher), text);
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
 }
 
 /// A new public id: a prefix and a time-ordered UUID.
@@ -347,6 +467,16 @@ mod tests {
                 br#"{"a":1,"b":{"c":[1,2]}}"#
             )
         );
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level_and_escapes_like_serde_json() {
+        let json: serde_json::Value =
+            serde_json::from_str(r#"{"b":[{"y":1,"x":"\"q\""}],"a":null,"c":1.5}"#).unwrap();
+        let mut streamed = Sha256::new();
+        hash_canonical_json(&json, &mut streamed);
+        let expected = Sha256::digest(br#"{"a":null,"b":[{"x":"\"q\"","y":1}],"c":1.5}"#);
+        assert_eq!(hex(&streamed.finalize()), hex(&expected));
     }
 
     #[test]

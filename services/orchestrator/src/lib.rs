@@ -51,7 +51,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), OrchestratorError> {
-    let orchestrator = Orchestrator::new(store.clone(), policy);
+    let orchestrator = Orchestrator::new(store.clone(), policy)?;
     let routes = Routes::new(OrchestratorServiceServer::new(orchestrator));
     let result = GrpcServer::new("orchestrator", routes, &[service_names::ORCHESTRATOR])
         .serve(listener, shutdown)

@@ -28,9 +28,9 @@ pub struct Orchestrator {
 
 impl Orchestrator {
     /// An orchestrator over an opened, migrated store; starts its ingest writer.
-    pub fn new(store: Store, policy: IngestPolicy) -> Self {
-        let ingester = Ingester::start(store.clone(), policy);
-        Self { store, ingester }
+    pub fn new(store: Store, policy: IngestPolicy) -> Result<Self, StoreError> {
+        let ingester = Ingester::start(store.clone(), policy)?;
+        Ok(Self { store, ingester })
     }
 
     /// The store this orchestrator owns.
@@ -46,7 +46,11 @@ fn store_status(error: &StoreError) -> Status {
         StoreError::CreateFolder { .. }
         | StoreError::Connect { .. }
         | StoreError::Migrate { .. }
-        | StoreError::Query(_) => Status::unavailable(format!("the store is unavailable: {error}")),
+        | StoreError::Query(_)
+        | StoreError::Sqlite(_)
+        | StoreError::Writer(_) => {
+            Status::unavailable(format!("the store is unavailable: {error}"))
+        }
     }
 }
 

@@ -48,6 +48,12 @@ pub enum StoreError {
     /// A query failed.
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    /// The SQLite ingest writer's own connection failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] crate::ingest::SqliteError),
+    /// The ingest writer's thread could not be started.
+    #[error("cannot start the ingest writer: {0}")]
+    Writer(std::io::Error),
     /// A stored row could not be decoded.
     #[error("a stored record could not be decoded: {0}")]
     Corrupt(String),
@@ -78,6 +84,7 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     database: String,
+    sqlite_path: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -88,6 +95,10 @@ impl Store {
         let connect_error = |source| StoreError::Connect {
             database: database.clone(),
             source,
+        };
+        let sqlite_path = match url {
+            DatabaseUrl::Sqlite { path } => Some(path.clone()),
+            DatabaseUrl::Postgres { .. } => None,
         };
         let (pool, backend) = match url {
             DatabaseUrl::Sqlite { path } => {
@@ -120,6 +131,7 @@ impl Store {
             pool,
             backend,
             database,
+            sqlite_path,
         })
     }
 
@@ -163,6 +175,11 @@ impl Store {
     /// The engine the store runs on.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The SQLite file, when the store is SQLite.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        self.sqlite_path.as_deref()
     }
 
     /// The connection pool.

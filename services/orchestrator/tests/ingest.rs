@@ -40,7 +40,8 @@ fn call(kind: HanaEventKind, lead_id: &str, name: &str) -> HanaCall {
 }
 
 async fn calls_sharing_a_group(store: Store) -> TestResult {
-    let ingester = Ingester::start(store.clone(), IngestPolicy::default());
+    let ingester =
+        Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
     // tokio::join! polls in order, so the calls enter the writer's queue in this order; arriving
     // together they usually share a group, and the outcome must be the same whether they do or not.
     let (first, again, other, renamed, renamed_again, broken) = tokio::join!(

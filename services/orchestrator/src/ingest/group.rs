@@ -1,22 +1,25 @@
 //! Commits a group of calls in one transaction with a fixed number of statements per group, not
-//! per call: one insert each for quarantine, events, new entities, links and jobs, one locked read
-//! of the entities the group touches, and one update per changed existing entity. Statement
-//! round trips, not fsyncs, are what limit an embedded database's write rate.
+//! per call: one insert each for quarantine, events, new entities, links and jobs, one read of
+//! the entities the group touches, and one update per changed existing entity. Statement round
+//! trips, not fsyncs, are what limit an embedded database's write rate.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    ops::Range,
+};
 
 use leadrelay_proto::v1::{Deal, Lead};
-use sqlx::{Any, Transaction};
 
 use super::{
     CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict, new_id, now_ms,
     source_key,
+    sql::{Cell, Column, GroupTransaction, Param},
 };
 use crate::{
     entity::{CanonicalEntity, EventFacts},
     mapping,
     routes::{self, EntityType},
-    store::{Backend, Store},
+    store::{Backend, StoreError},
 };
 
 /// A call that passed validation, with the ids it will be stored under.
@@ -35,26 +38,29 @@ impl Accepted<'_> {
     }
 }
 
-/// Renders parameter placeholders the way each engine resolves them fastest: `$1, $2, …` on
-/// Postgres; anonymous `?` on SQLite, which binds them in order. (SQLite looks named parameters up
-/// by a linear scan, which is quadratic over a multi-row insert.) Templates mark each parameter
-/// with `?` and are bound exactly once per mark, in order.
+/// Renders SQL the way each engine runs it fastest. Templates mark each parameter with `?` and
+/// bind exactly once per mark, in order. Postgres gets `$1, $2, …`; SQLite gets anonymous `?`,
+/// which it binds in order (it looks named parameters up by a linear scan, which is quadratic
+/// over a multi-row statement).
 #[derive(Clone, Copy)]
-struct Placeholders(Backend);
+struct Sql(Backend);
 
-impl Placeholders {
-    /// `count` copies of `template` (e.g. `(?, 'hana', ?)`), comma-separated.
-    fn rows(self, count: usize, template: &str) -> String {
-        let rows = vec![template; count].join(", ");
+/// Most rows in one SQLite statement.
+const SQLITE_MAX_CHUNK: usize = 64;
+
+impl Sql {
+    /// `template` with its placeholders in the engine's form.
+    fn render(self, template: &str) -> String {
         match self.0 {
-            Backend::Sqlite => rows,
+            Backend::Sqlite => template.to_owned(),
             Backend::Postgres => {
-                let mut numbered = String::with_capacity(rows.len() * 2);
+                let mut numbered = String::with_capacity(template.len() * 2);
                 let mut number = 0;
-                for character in rows.chars() {
+                for character in template.chars() {
                     if character == '?' {
                         number += 1;
-                        numbered.push_str(&format!("${number}"));
+                        numbered.push('$');
+                        numbered.push_str(&number.to_string());
                     } else {
                         numbered.push(character);
                     }
@@ -64,20 +70,99 @@ impl Placeholders {
         }
     }
 
-    /// `count` parameters for an `IN (…)` list.
-    fn list(self, count: usize) -> String {
-        self.rows(count, "?")
+    /// `count` copies of `row` (e.g. `(?, 'hana', ?)`), comma-separated, rendered.
+    fn rows(self, count: usize, row: &str) -> String {
+        self.render(&vec![row; count].join(", "))
+    }
+
+    /// How `count` rows are split into statements. SQLite gets power-of-two chunks of at most
+    /// [`SQLITE_MAX_CHUNK`] rows, so a few statement texts cover every group size and stay
+    /// prepared in the connection's cache. Postgres gets one statement: a network round trip
+    /// costs more there than parsing.
+    fn chunks(self, count: usize) -> Vec<Range<usize>> {
+        match self.0 {
+            Backend::Postgres => std::iter::once(0..count)
+                .filter(|chunk| !chunk.is_empty())
+                .collect(),
+            Backend::Sqlite => {
+                let mut chunks = Vec::new();
+                let mut start = 0;
+                while start < count {
+                    let left = count - start;
+                    let size = if left >= SQLITE_MAX_CHUNK {
+                        SQLITE_MAX_CHUNK
+                    } else {
+                        1 << left.ilog2()
+                    };
+                    chunks.push(start..start + size);
+                    start += size;
+                }
+                chunks
+            }
+        }
     }
 }
 
-/// Stores every call of the group in one transaction; the outcomes are in the calls' order.
-pub(super) async fn commit_group(
-    store: &Store,
+/// A statement repeated over rows: `{head} {rows} {tail}`, where `rows` repeats `row`.
+struct Repeated<'s> {
+    head: &'s str,
+    row: &'s str,
+    tail: &'s str,
+}
+
+/// Runs `statement` over `rows` in the engine's chunks; returns what the chunks returned.
+async fn for_rows<'r, T, R, F>(
+    transaction: &mut T,
+    sql: Sql,
+    statement: &Repeated<'_>,
+    rows: &'r [R],
+    columns: &[Column],
+    params_of: F,
+) -> Result<Vec<Vec<Cell>>, IngestError>
+where
+    T: GroupTransaction,
+    R: Sync,
+    F: Fn(&'r R, &mut Vec<Param<'r>>) + Send,
+{
+    let mut returned = Vec::new();
+    for chunk in sql.chunks(rows.len()) {
+        let text = format!(
+            "{} {} {}",
+            statement.head,
+            sql.rows(chunk.len(), statement.row),
+            statement.tail
+        );
+        let mut params = Vec::new();
+        for row in &rows[chunk] {
+            params_of(row, &mut params);
+        }
+        if columns.is_empty() {
+            transaction.execute(&text, &params).await?;
+        } else {
+            returned.extend(transaction.fetch(&text, &params, columns).await?);
+        }
+    }
+    Ok(returned)
+}
+
+/// Pairs of text cells, as `(first, second)`.
+fn text_pairs(rows: Vec<Vec<Cell>>) -> impl Iterator<Item = (String, String)> {
+    rows.into_iter().filter_map(|row| {
+        let mut cells = row.into_iter();
+        Some((cells.next()?.into_text(), cells.next()?.into_text()))
+    })
+}
+
+/// Stores every call of the group in `transaction`; the outcomes are in the calls' order and
+/// hold once the caller commits.
+pub(super) async fn commit_group<T: GroupTransaction>(
+    transaction: &mut T,
+    backend: Backend,
     checked: &[&CheckedCall],
 ) -> Result<Vec<IngestOutcome>, IngestError> {
     let now = now_ms();
-    let calls: Vec<&HanaCall> = checked.iter().map(|checked| &checked.call).collect();
-    let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; calls.len()];
+    let sql = Sql(backend);
+    let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; checked.len()];
     let mut quarantined = Vec::new();
     let mut accepted = Vec::new();
     for (index, checked) in checked.iter().enumerate() {
@@ -101,18 +186,21 @@ pub(super) async fn commit_group(
                 event_id: new_id("evt"),
             }),
             (Verdict::Quarantine(reason), _) | (Verdict::Accept { .. }, Err(reason)) => {
-                quarantined.push((index, new_id("qtn"), reason.clone()));
+                quarantined.push(Quarantined {
+                    index,
+                    id: new_id("qtn"),
+                    reason: reason.clone(),
+                    call: &checked.call,
+                });
             }
         }
     }
 
-    let sql = Placeholders(store.backend());
-    let mut transaction = store.pool().begin().await?;
-    insert_quarantined(&mut transaction, sql, &calls, &quarantined).await?;
-    for (index, id, reason) in quarantined {
-        tracing::info!(quarantine_id = %id, reason, "webhook kept in quarantine");
-        outcomes[index] = Some(IngestOutcome {
-            event_id: id,
+    insert_quarantined(transaction, sql, &quarantined).await?;
+    for entry in quarantined {
+        tracing::info!(quarantine_id = %entry.id, reason = entry.reason, "webhook kept in quarantine");
+        outcomes[entry.index] = Some(IngestOutcome {
+            event_id: entry.id,
             duplicate: false,
             quarantined: true,
         });
@@ -124,19 +212,33 @@ pub(super) async fn commit_group(
         .iter()
         .filter(|call| seen_keys.insert(call.dedupe_key.as_str()))
         .collect();
-    let inserted = insert_events(&mut transaction, sql, &candidates).await?;
+    let inserted = insert_events(transaction, sql, &candidates).await?;
+    let count_duplicate = sql.render(
+        "UPDATE events SET duplicate_count = duplicate_count + 1 \
+         WHERE source = 'hana' AND dedupe_key = ? RETURNING id",
+    );
     let mut fresh = Vec::new();
     for call in &accepted {
         if inserted.get(&call.dedupe_key) == Some(&call.event_id) {
             fresh.push(call);
         } else {
-            let first: String = sqlx::query_scalar(
-                "UPDATE events SET duplicate_count = duplicate_count + 1 \
-                 WHERE source = 'hana' AND dedupe_key = $1 RETURNING id",
-            )
-            .bind(&call.dedupe_key)
-            .fetch_one(&mut *transaction)
-            .await?;
+            let first = transaction
+                .fetch(
+                    &count_duplicate,
+                    &[Param::Text(&call.dedupe_key)],
+                    &[Column::Text],
+                )
+                .await?
+                .into_iter()
+                .flatten()
+                .next()
+                .map(Cell::into_text)
+                .ok_or_else(|| {
+                    IngestError::Store(StoreError::Corrupt(format!(
+                        "the event with dedupe key {} vanished during ingest",
+                        call.dedupe_key
+                    )))
+                })?;
             outcomes[call.index] = Some(IngestOutcome {
                 event_id: first,
                 duplicate: true,
@@ -148,29 +250,12 @@ pub(super) async fn commit_group(
     let (lead_calls, deal_calls): (Vec<&Accepted<'_>>, Vec<&Accepted<'_>>) = fresh
         .iter()
         .partition(|call| EntityType::of(call.valid.kind) == EntityType::Lead);
-    let mut entity_ids = apply_entities::<Lead>(
-        &mut transaction,
-        store.backend(),
-        sql,
-        &lead_calls,
-        &HashMap::new(),
-        now,
-    )
-    .await?;
-    let contacts = contact_leads(&mut transaction, sql, &deal_calls).await?;
-    entity_ids.extend(
-        apply_entities::<Deal>(
-            &mut transaction,
-            store.backend(),
-            sql,
-            &deal_calls,
-            &contacts,
-            now,
-        )
-        .await?,
-    );
-    insert_jobs(&mut transaction, sql, &fresh, &entity_ids, now).await?;
-    transaction.commit().await?;
+    let mut entity_ids =
+        apply_entities::<Lead, T>(transaction, sql, &lead_calls, &HashMap::new(), now).await?;
+    let contacts = contact_leads(transaction, sql, &deal_calls).await?;
+    entity_ids
+        .extend(apply_entities::<Deal, T>(transaction, sql, &deal_calls, &contacts, now).await?);
+    insert_jobs(transaction, sql, &fresh, &entity_ids, now).await?;
 
     for call in fresh {
         outcomes[call.index] = Some(IngestOutcome {
@@ -182,69 +267,110 @@ pub(super) async fn commit_group(
     Ok(outcomes.into_iter().flatten().collect())
 }
 
-async fn insert_quarantined(
-    transaction: &mut Transaction<'static, Any>,
-    sql: Placeholders,
-    calls: &[&HanaCall],
-    quarantined: &[(usize, String, String)],
+/// A call kept in quarantine.
+struct Quarantined<'a> {
+    index: usize,
+    id: String,
+    reason: String,
+    call: &'a HanaCall,
+}
+
+async fn insert_quarantined<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
+    quarantined: &[Quarantined<'_>],
 ) -> Result<(), IngestError> {
-    if quarantined.is_empty() {
-        return Ok(());
-    }
-    let insert = format!(
-        "INSERT INTO quarantine (id, source, kind, reason, raw_body, received_at) VALUES {}",
-        sql.rows(quarantined.len(), "(?, 'hana', ?, ?, ?, ?)")
-    );
-    let mut query = sqlx::query(&insert);
-    for (index, id, reason) in quarantined {
-        let call = calls[*index];
-        query = query
-            .bind(id)
-            .bind(call.kind.event_name())
-            .bind(reason)
-            .bind(call.raw_body.as_slice())
-            .bind(call.received_at_ms);
-    }
-    query.execute(&mut **transaction).await?;
+    let statement = Repeated {
+        head: "INSERT INTO quarantine (id, source, kind, reason, raw_body, received_at) VALUES",
+        row: "(?, 'hana', ?, ?, ?, ?)",
+        tail: "",
+    };
+    for_rows(
+        transaction,
+        sql,
+        &statement,
+        quarantined,
+        &[],
+        |entry, params| {
+            params.extend([
+                Param::Text(&entry.id),
+                Param::Text(entry.call.kind.event_name()),
+                Param::Text(&entry.reason),
+                Param::Blob(&entry.call.raw_body),
+                Param::Int(entry.call.received_at_ms),
+            ]);
+        },
+    )
+    .await?;
     Ok(())
 }
 
 /// Inserts the candidates' events; returns dedupe key → id of those that were new.
-async fn insert_events(
-    transaction: &mut Transaction<'static, Any>,
-    sql: Placeholders,
+async fn insert_events<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
     candidates: &[&Accepted<'_>],
 ) -> Result<HashMap<String, String>, IngestError> {
-    if candidates.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let sql = format!(
-        "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at, trace_context) \
-         VALUES {} ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING dedupe_key, id",
-        sql.rows(candidates.len(), "(?, 'hana', ?, ?, ?, ?, ?, ?)")
-    );
-    let mut query = sqlx::query_as::<_, (String, String)>(&sql);
-    for call in candidates {
-        query = query
-            .bind(&call.event_id)
-            .bind(call.valid.kind.event_name())
-            .bind(&call.valid.webhook.application_id)
-            .bind(&call.dedupe_key)
-            .bind(call.call.raw_body.as_slice())
-            .bind(call.call.received_at_ms)
-            .bind(call.call.trace_context.as_deref());
-    }
-    Ok(query
-        .fetch_all(&mut **transaction)
-        .await?
-        .into_iter()
-        .collect())
+    let statement = Repeated {
+        head: "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at, trace_context) VALUES",
+        row: "(?, 'hana', ?, ?, ?, ?, ?, ?)",
+        tail: "ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING dedupe_key, id",
+    };
+    let rows = for_rows(
+        transaction,
+        sql,
+        &statement,
+        candidates,
+        &[Column::Text, Column::Text],
+        |call, params| {
+            params.extend([
+                Param::Text(&call.event_id),
+                Param::Text(call.valid.kind.event_name()),
+                Param::Text(&call.valid.webhook.application_id),
+                Param::Text(&call.dedupe_key),
+                Param::Blob(&call.call.raw_body),
+                Param::Int(call.call.received_at_ms),
+                Param::OptionalText(call.call.trace_context.as_deref()),
+            ]);
+        },
+    )
+    .await?;
+    Ok(text_pairs(rows).collect())
+}
+
+/// Rows of `table` whose `source_key` is one of `keys`: the named columns, chunked like inserts.
+async fn select_by_source_keys<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
+    select: &str,
+    lock: &str,
+    keys: &[String],
+    columns: &[Column],
+) -> Result<Vec<Vec<Cell>>, IngestError> {
+    let head = format!("{select} WHERE source_key IN (");
+    let tail = format!("){lock}");
+    let statement = Repeated {
+        head: &head,
+        row: "?",
+        tail: &tail,
+    };
+    for_rows(
+        transaction,
+        sql,
+        &statement,
+        keys,
+        columns,
+        |key, params| {
+            params.push(Param::Text(key));
+        },
+    )
+    .await
 }
 
 /// Ids of the stored leads that tickets in the group name in their `lead` section, by source key.
-async fn contact_leads(
-    transaction: &mut Transaction<'static, Any>,
-    sql: Placeholders,
+async fn contact_leads<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
     deal_calls: &[&Accepted<'_>],
 ) -> Result<HashMap<String, String>, IngestError> {
     let keys: Vec<String> = deal_calls
@@ -256,22 +382,16 @@ async fn contact_leads(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    if keys.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let select = format!(
-        "SELECT source_key, id FROM leads WHERE source_key IN ({})",
-        sql.list(keys.len())
-    );
-    let mut query = sqlx::query_as::<_, (String, String)>(&select);
-    for key in &keys {
-        query = query.bind(key);
-    }
-    Ok(query
-        .fetch_all(&mut **transaction)
-        .await?
-        .into_iter()
-        .collect())
+    let rows = select_by_source_keys(
+        transaction,
+        sql,
+        "SELECT source_key, id FROM leads",
+        "",
+        &keys,
+        &[Column::Text, Column::Text],
+    )
+    .await?;
+    Ok(text_pairs(rows).collect())
 }
 
 /// An entity being changed by the group.
@@ -283,12 +403,34 @@ struct Working<E> {
     is_new: bool,
 }
 
+/// An entity ready to be written: its encoded body and the columns derived from it.
+struct Encoded<'w> {
+    id: &'w str,
+    source_key: &'w str,
+    hana_id: &'w str,
+    body: Vec<u8>,
+    deleted_at: Option<i64>,
+    contact_lead_id: Option<String>,
+}
+
+impl<'w> Encoded<'w> {
+    fn new<E: CanonicalEntity>(working: &'w Working<E>) -> Self {
+        Self {
+            id: &working.id,
+            source_key: &working.source_key,
+            hana_id: &working.hana_id,
+            body: working.entity.encode_to_vec(),
+            deleted_at: working.entity.deleted_at_ms(),
+            contact_lead_id: working.entity.contact_lead_id(),
+        }
+    }
+}
+
 /// Applies the group's events to their entities, in order, and writes each changed entity once.
 /// Returns the entity id of each call, by its position in the group.
-async fn apply_entities<E: CanonicalEntity>(
-    transaction: &mut Transaction<'static, Any>,
-    backend: Backend,
-    sql: Placeholders,
+async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
     calls: &[&Accepted<'_>],
     contacts: &HashMap<String, String>,
     now: i64,
@@ -303,25 +445,29 @@ async fn apply_entities<E: CanonicalEntity>(
         .into_iter()
         .collect();
     // On Postgres the rows stay locked until commit, so replicas apply updates of one entity one
-    // after the other instead of overwriting each other.
-    let lock = match backend {
+    // after the other instead of overwriting each other. SQLite has one writer.
+    let lock = match sql.0 {
         Backend::Postgres => " FOR UPDATE",
         Backend::Sqlite => "",
     };
-    let select = format!(
-        "SELECT source_key, id, body FROM {} WHERE source_key IN ({}){lock}",
-        E::TABLE,
-        sql.list(keys.len())
-    );
-    let mut query = sqlx::query_as::<_, (String, String, Vec<u8>)>(&select);
-    for key in &keys {
-        query = query.bind(key);
-    }
-    let mut stored: HashMap<String, (String, Vec<u8>)> = query
-        .fetch_all(&mut **transaction)
-        .await?
+    let rows = select_by_source_keys(
+        transaction,
+        sql,
+        &format!("SELECT source_key, id, body FROM {}", E::TABLE),
+        lock,
+        &keys,
+        &[Column::Text, Column::Text, Column::Blob],
+    )
+    .await?;
+    let mut stored: HashMap<String, (String, Vec<u8>)> = rows
         .into_iter()
-        .map(|(key, id, body)| (key, (id, body)))
+        .filter_map(|row| {
+            let mut cells = row.into_iter();
+            let key = cells.next()?.into_text();
+            let id = cells.next()?.into_text();
+            let body = cells.next()?.into_blob();
+            Some((key, (id, body)))
+        })
         .collect();
 
     let mut working: HashMap<String, Working<E>> = HashMap::new();
@@ -362,100 +508,123 @@ async fn apply_entities<E: CanonicalEntity>(
         entity_ids.insert(call.index, entry.id.clone());
     }
 
-    let (new, existing): (Vec<&Working<E>>, Vec<&Working<E>>) =
-        working.values().partition(|entity| entity.is_new);
-    insert_entities(transaction, sql, &new, now).await?;
-    for entity in existing {
-        let update = if E::HAS_CONTACT {
-            format!(
-                "UPDATE {} SET body = $1, updated_at = $2, deleted_at = $3, contact_lead_id = $5 WHERE id = $4",
-                E::TABLE
-            )
+    let (mut new, mut existing) = (Vec::new(), Vec::new());
+    for entity in working.values() {
+        if entity.is_new {
+            new.push(Encoded::new(entity));
         } else {
-            format!(
-                "UPDATE {} SET body = $1, updated_at = $2, deleted_at = $3 WHERE id = $4",
-                E::TABLE
-            )
-        };
-        let mut query = sqlx::query(&update)
-            .bind(entity.entity.encode_to_vec())
-            .bind(now)
-            .bind(entity.entity.deleted_at_ms())
-            .bind(&entity.id);
-        if E::HAS_CONTACT {
-            query = query.bind(entity.entity.contact_lead_id());
+            existing.push(Encoded::new(entity));
         }
-        query.execute(&mut **transaction).await?;
+    }
+    insert_entities::<E, T>(transaction, sql, &new, now).await?;
+    let update = sql.render(&if E::HAS_CONTACT {
+        format!(
+            "UPDATE {} SET body = ?, updated_at = ?, deleted_at = ?, contact_lead_id = ? WHERE id = ?",
+            E::TABLE
+        )
+    } else {
+        format!(
+            "UPDATE {} SET body = ?, updated_at = ?, deleted_at = ? WHERE id = ?",
+            E::TABLE
+        )
+    });
+    for entity in &existing {
+        let mut params = vec![
+            Param::Blob(&entity.body),
+            Param::Int(now),
+            Param::OptionalInt(entity.deleted_at),
+        ];
+        if E::HAS_CONTACT {
+            params.push(Param::OptionalText(entity.contact_lead_id.as_deref()));
+        }
+        params.push(Param::Text(entity.id));
+        transaction.execute(&update, &params).await?;
     }
     Ok(entity_ids)
 }
 
 /// Inserts new entities and their Hana links. Another replica inserting one of them first is a
 /// [`IngestError::Conflict`]: the group is retried and then finds it.
-async fn insert_entities<E: CanonicalEntity>(
-    transaction: &mut Transaction<'static, Any>,
-    sql: Placeholders,
-    new: &[&Working<E>],
+async fn insert_entities<E: CanonicalEntity, T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
+    new: &[Encoded<'_>],
     now: i64,
 ) -> Result<(), IngestError> {
-    if new.is_empty() {
-        return Ok(());
-    }
-    let (columns, row) = if E::HAS_CONTACT {
-        (
-            "id, source_key, body, deleted_at, contact_lead_id, created_at, updated_at",
-            "(?, ?, ?, ?, ?, ?, ?)",
+    let head = if E::HAS_CONTACT {
+        format!(
+            "INSERT INTO {} (id, source_key, body, deleted_at, contact_lead_id, created_at, updated_at) VALUES",
+            E::TABLE
         )
     } else {
-        (
-            "id, source_key, body, deleted_at, created_at, updated_at",
-            "(?, ?, ?, ?, ?, ?)",
+        format!(
+            "INSERT INTO {} (id, source_key, body, deleted_at, created_at, updated_at) VALUES",
+            E::TABLE
         )
     };
-    let insert = format!(
-        "INSERT INTO {} ({columns}) VALUES {} ON CONFLICT (source_key) DO NOTHING RETURNING id",
-        E::TABLE,
-        sql.rows(new.len(), row)
-    );
-    let mut query = sqlx::query_scalar::<_, String>(&insert);
-    for entity in new {
-        query = query
-            .bind(&entity.id)
-            .bind(&entity.source_key)
-            .bind(entity.entity.encode_to_vec())
-            .bind(entity.entity.deleted_at_ms());
-        if E::HAS_CONTACT {
-            query = query.bind(entity.entity.contact_lead_id());
-        }
-        query = query.bind(now).bind(now);
-    }
-    let inserted = query.fetch_all(&mut **transaction).await?;
+    let statement = Repeated {
+        head: &head,
+        row: if E::HAS_CONTACT {
+            "(?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            "(?, ?, ?, ?, ?, ?)"
+        },
+        tail: "ON CONFLICT (source_key) DO NOTHING RETURNING id",
+    };
+    let inserted = for_rows(
+        transaction,
+        sql,
+        &statement,
+        new,
+        &[Column::Text],
+        |entity, params| {
+            params.extend([
+                Param::Text(entity.id),
+                Param::Text(entity.source_key),
+                Param::Blob(&entity.body),
+                Param::OptionalInt(entity.deleted_at),
+            ]);
+            if E::HAS_CONTACT {
+                params.push(Param::OptionalText(entity.contact_lead_id.as_deref()));
+            }
+            params.extend([Param::Int(now), Param::Int(now)]);
+        },
+    )
+    .await?;
     if inserted.len() != new.len() {
         return Err(IngestError::Conflict);
     }
 
-    let insert = format!(
-        "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at) VALUES {} \
-         ON CONFLICT DO NOTHING",
-        sql.rows(new.len(), "(?, ?, 'hana', ?, ?, ?)")
-    );
-    let mut query = sqlx::query(&insert);
-    for entity in new {
-        query = query
-            .bind(E::ENTITY_TYPE.as_str())
-            .bind(&entity.id)
-            .bind(E::HANA_LINK_KIND)
-            .bind(&entity.hana_id)
-            .bind(now);
-    }
-    query.execute(&mut **transaction).await?;
+    let statement = Repeated {
+        head: "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at) VALUES",
+        row: "(?, ?, 'hana', ?, ?, ?)",
+        tail: "ON CONFLICT DO NOTHING",
+    };
+    for_rows(transaction, sql, &statement, new, &[], |entity, params| {
+        params.extend([
+            Param::Text(E::ENTITY_TYPE.as_str()),
+            Param::Text(entity.id),
+            Param::Text(E::HANA_LINK_KIND),
+            Param::Text(entity.hana_id),
+            Param::Int(now),
+        ]);
+    })
+    .await?;
     Ok(())
 }
 
+/// A job to record.
+struct NewJob<'a> {
+    id: String,
+    call: &'a Accepted<'a>,
+    entity_id: &'a str,
+    planned: routes::PlannedJob,
+}
+
 /// Records the jobs of the default flows for every new event.
-async fn insert_jobs(
-    transaction: &mut Transaction<'static, Any>,
-    sql: Placeholders,
+async fn insert_jobs<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
     fresh: &[&Accepted<'_>],
     entity_ids: &HashMap<usize, String>,
     now: i64,
@@ -467,35 +636,35 @@ async fn insert_jobs(
         };
         let has_conversation = !call.valid.webhook.conversation_url.is_empty();
         for planned in routes::default_plan(call.valid.kind, has_conversation) {
-            jobs.push((call, entity_id, planned));
+            jobs.push(NewJob {
+                id: new_id("job"),
+                call,
+                entity_id,
+                planned,
+            });
         }
     }
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    let insert = format!(
-        "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
-         next_attempt_at, created_at, updated_at, state, attempts, last_error) VALUES {}",
-        sql.rows(
-            jobs.len(),
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, '')"
-        )
-    );
-    let mut query = sqlx::query(&insert);
-    for (call, entity_id, planned) in jobs {
-        query = query
-            .bind(new_id("job"))
-            .bind(&call.event_id)
-            .bind(planned.target.as_str())
-            .bind(planned.operation.as_str())
-            .bind(EntityType::of(call.valid.kind).as_str())
-            .bind(entity_id)
-            .bind(call.call.trace_context.as_deref())
-            .bind(now)
-            .bind(now)
-            .bind(now);
-    }
-    query.execute(&mut **transaction).await?;
+    let statement = Repeated {
+        head: "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
+               next_attempt_at, created_at, updated_at, state, attempts, last_error) VALUES",
+        row: "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, '')",
+        tail: "",
+    };
+    for_rows(transaction, sql, &statement, &jobs, &[], |job, params| {
+        params.extend([
+            Param::Text(&job.id),
+            Param::Text(&job.call.event_id),
+            Param::Text(job.planned.target.as_str()),
+            Param::Text(job.planned.operation.as_str()),
+            Param::Text(EntityType::of(job.call.valid.kind).as_str()),
+            Param::Text(job.entity_id),
+            Param::OptionalText(job.call.call.trace_context.as_deref()),
+            Param::Int(now),
+            Param::Int(now),
+            Param::Int(now),
+        ]);
+    })
+    .await?;
     Ok(())
 }
 
@@ -507,13 +676,40 @@ mod tests {
     fn placeholders_are_numbered_on_postgres_and_anonymous_on_sqlite() {
         let template = "(?, 'hana', ?)";
         assert_eq!(
-            Placeholders(Backend::Postgres).rows(2, template),
+            Sql(Backend::Postgres).rows(2, template),
             "($1, 'hana', $2), ($3, 'hana', $4)"
         );
         assert_eq!(
-            Placeholders(Backend::Sqlite).rows(2, template),
+            Sql(Backend::Sqlite).rows(2, template),
             "(?, 'hana', ?), (?, 'hana', ?)"
         );
-        assert_eq!(Placeholders(Backend::Postgres).list(3), "$1, $2, $3");
+        assert_eq!(
+            Sql(Backend::Postgres).render("? ? ? ? ? ? ? ? ? ?"),
+            "$1 $2 $3 $4 $5 $6 $7 $8 $9 $10"
+        );
+    }
+
+    #[test]
+    fn sqlite_chunks_are_powers_of_two_and_cover_every_row_once() {
+        for count in 0..300 {
+            let chunks = Sql(Backend::Sqlite).chunks(count);
+            let mut next = 0;
+            for chunk in &chunks {
+                assert_eq!(chunk.start, next);
+                assert!(chunk.len().is_power_of_two() && chunk.len() <= SQLITE_MAX_CHUNK);
+                next = chunk.end;
+            }
+            assert_eq!(next, count);
+        }
+        assert_eq!(
+            Sql(Backend::Sqlite).chunks(30),
+            vec![0..16, 16..24, 24..28, 28..30]
+        );
+        let postgres = Sql(Backend::Postgres).chunks(30);
+        assert_eq!(
+            (postgres.len(), postgres.first().cloned()),
+            (1, Some(0..30))
+        );
+        assert!(Sql(Backend::Postgres).chunks(0).is_empty());
     }
 }
