@@ -1,6 +1,8 @@
 //! The Pipedrive adapter: Pipedrive API v2 behind `leadrelay.pipedrive.v1.PipedriveAdapterService`
 //! (the connector's whole operation set) and the canonical `leadrelay.v1.CrmSyncService`.
 
+pub mod client;
+
 use leadrelay_proto::{
     pipedrive::v1::{
         AddActivityRequest, AddActivityResponse, AddDealRequest, AddDealResponse,
