@@ -1,8 +1,9 @@
 //! Ingest: store a call, the canonical entity it changes and the sync jobs it implies in one
 //! transaction, then acknowledge it.
 //!
-//! Calls are committed in groups: one writer task takes every call waiting in its queue and
-//! commits them together, so a durable commit (an fsync on SQLite) is paid once per group rather
+//! Calls are committed in groups: one writer (a thread of its own with its own connection on
+//! SQLite, a task on the pool on Postgres) takes every call waiting in its queue and commits them
+//! together, so a durable commit (an fsync on SQLite) is paid once per group rather
 //! than once per call. While one group commits, the next one gathers. A group whose transaction
 //! fails is retried call by call, so one bad call cannot fail its neighbours.
 
