@@ -310,29 +310,24 @@ impl PipedriveClient {
         } else {
             // Without the URL: it is harmless, but the error text stays short and the same
             // whatever the company domain.
-            PipedriveError::Transport(error.without_url_text())
+            PipedriveError::Transport(transport_text(error))
         }
     }
 }
 
-trait WithoutUrl {
-    fn without_url_text(&self) -> String;
-}
-
-impl WithoutUrl for reqwest::Error {
-    fn without_url_text(&self) -> String {
-        let mut text = self.to_string();
-        if let Some(url) = self.url() {
-            text = text.replace(url.as_str(), "Pipedrive");
-        }
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        text
+/// A transport error with its causes, its URL replaced by "Pipedrive".
+fn transport_text(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), "Pipedrive");
     }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The first 300 characters of a body, for messages.
