@@ -3,9 +3,15 @@
 //!
 //! Calls are committed in groups: one writer (a thread of its own with its own connection on
 //! SQLite, a task on the pool on Postgres) takes every call waiting in its queue and commits them
-//! together, so a durable commit (an fsync on SQLite) is paid once per group rather
-//! than once per call. While one group commits, the next one gathers. A group whose transaction
-//! fails is retried call by call, so one bad call cannot fail its neighbours.
+//! together, so a durable commit is paid once per group rather than once per call. While one
+//! group commits, the next one gathers. A group whose transaction fails is retried call by call,
+//! so one bad call cannot fail its neighbours.
+//!
+//! On SQLite the fsync that makes a commit durable is pipelined: the writer commits without
+//! waiting for the disk and moves on to the next group, while a second thread fsyncs the
+//! write-ahead log and only then answers the calls that commit covered. An answer therefore still
+//! means "on disk", but the writer's time per group is its statements alone, not statements plus
+//! an fsync (about 65% of a group's time when the writer waited for it).
 
 mod group;
 mod sql;
@@ -92,8 +98,14 @@ pub struct Ingester {
 
 struct Pending {
     checked: CheckedCall,
-    reply: oneshot::Sender<Result<IngestOutcome, IngestError>>,
+    reply: Reply,
 }
+
+/// Where a call's answer goes.
+type Reply = oneshot::Sender<Result<IngestOutcome, IngestError>>;
+
+/// A committed call's answer, not yet sent.
+type Answer = (Reply, Result<IngestOutcome, IngestError>);
 
 /// A call whose validation is already decided. Deciding it (validation, the dedupe hash) happens
 /// in the caller's task, in parallel, so the serial writer does only database work.
@@ -142,7 +154,7 @@ impl Ingester {
                     .build()
                     .map_err(StoreError::Writer)?;
                 std::thread::Builder::new()
-                    .name("leadrelay-sqlite-writer".to_owned())
+                    .name("sqlite-writer".to_owned())
                     .spawn(move || runtime.block_on(write_groups(committer, receiver)))
                     .map_err(StoreError::Writer)?;
             }
@@ -175,6 +187,14 @@ trait Committer {
         calls: &[&CheckedCall],
     ) -> Result<Vec<IngestOutcome>, IngestError>;
 
+    /// Sends committed calls their answers once their commit is durable. The default is for a
+    /// committer whose commit returns only once it is durable.
+    fn acknowledge(&mut self, answers: Vec<Answer>) {
+        for (reply, outcome) in answers {
+            let _ = reply.send(outcome);
+        }
+    }
+
     /// Commits a group, retrying when another replica created one of its entities first (the
     /// retry reads that entity and applies the group on top of it).
     async fn commit(&mut self, calls: &[&CheckedCall]) -> Result<Vec<IngestOutcome>, IngestError> {
@@ -204,16 +224,22 @@ impl Committer for PoolCommitter {
     }
 }
 
-/// Settings of the SQLite writer's connection; `synchronous = FULL` makes an acknowledged event
-/// survive power loss, not only a crash. The file is already in WAL mode (the store set it).
+/// Settings of the SQLite writer's connection. `synchronous = NORMAL` lets a commit return
+/// without an fsync; the acknowledging thread fsyncs the write-ahead log before answering, which
+/// makes an acknowledged event survive power loss as `FULL` would. Checkpoints still fsync.
+/// The file is already in WAL mode (the store set it).
 const SQLITE_WRITER_PRAGMAS: &str =
-    "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
+    "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
 
-/// Prepared statements the SQLite writer keeps: every chunk size of every statement it runs.
+/// Prepared statements the SQLite writer keeps: more than the statements it runs.
 const SQLITE_STATEMENT_CACHE: usize = 128;
 
-/// Commits through the writer's own SQLite connection.
-struct SqliteCommitter(rusqlite::Connection);
+/// Commits through the writer's own SQLite connection and hands the answers to the thread that
+/// makes them durable.
+struct SqliteCommitter {
+    connection: rusqlite::Connection,
+    durable: std::sync::mpsc::Sender<Vec<Answer>>,
+}
 
 impl SqliteCommitter {
     fn open(path: &std::path::Path) -> Result<Self, StoreError> {
@@ -222,7 +248,16 @@ impl SqliteCommitter {
             .execute_batch(SQLITE_WRITER_PRAGMAS)
             .map_err(SqliteError::from)?;
         connection.set_prepared_statement_cache_capacity(SQLITE_STATEMENT_CACHE);
-        Ok(Self(connection))
+        let (durable, committed) = std::sync::mpsc::channel();
+        let log = WriteAheadLog::of(path);
+        std::thread::Builder::new()
+            .name("sqlite-sync".to_owned())
+            .spawn(move || log.sync_then_answer(&committed))
+            .map_err(StoreError::Writer)?;
+        Ok(Self {
+            connection,
+            durable,
+        })
     }
 }
 
@@ -231,21 +266,100 @@ impl Committer for SqliteCommitter {
         &mut self,
         calls: &[&CheckedCall],
     ) -> Result<Vec<IngestOutcome>, IngestError> {
+        let connection = &mut self.connection;
         // IMMEDIATE takes the write lock up front, so the group never fails half-way for it.
-        self.0.execute_batch("BEGIN IMMEDIATE")?;
+        connection.execute_batch("BEGIN IMMEDIATE")?;
         let outcomes =
-            group::commit_group(&mut SqliteTransaction(&mut self.0), Backend::Sqlite, calls).await;
+            group::commit_group(&mut SqliteTransaction(connection), Backend::Sqlite, calls).await;
         let committed = outcomes.and_then(|outcomes| {
-            self.0.execute_batch("COMMIT")?;
+            connection.execute_batch("COMMIT")?;
             Ok(outcomes)
         });
         if committed.is_err()
-            && !self.0.is_autocommit()
-            && let Err(error) = self.0.execute_batch("ROLLBACK")
+            && !connection.is_autocommit()
+            && let Err(error) = connection.execute_batch("ROLLBACK")
         {
             tracing::warn!(%error, "rolling back a failed ingest group failed");
         }
         committed
+    }
+
+    fn acknowledge(&mut self, answers: Vec<Answer>) {
+        // When the sync thread has stopped (an fsync failed), the replies are dropped with the
+        // message and every caller hears that nothing was acknowledged.
+        let _ = self.durable.send(answers);
+    }
+}
+
+/// The SQLite file's write-ahead log, which holds every commit until a checkpoint.
+struct WriteAheadLog {
+    path: std::path::PathBuf,
+    folder: Option<std::path::PathBuf>,
+}
+
+impl WriteAheadLog {
+    fn of(database: &std::path::Path) -> Self {
+        let mut path = database.as_os_str().to_owned();
+        path.push("-wal");
+        Self {
+            path: path.into(),
+            folder: database.parent().map(std::path::Path::to_path_buf),
+        }
+    }
+
+    /// Answers committed calls once the log holding them is on disk. Every commit handed over
+    /// before an fsync starts is covered by it, so one fsync answers all the groups committed
+    /// while the previous one ran.
+    ///
+    /// An fsync that fails may have dropped the pages it was to write (Linux marks them clean),
+    /// so a later success proves nothing: the thread answers the calls it holds with the error
+    /// and stops, and every later call is refused until the orchestrator restarts and SQLite
+    /// recovers from what is really on disk.
+    fn sync_then_answer(&self, committed: &std::sync::mpsc::Receiver<Vec<Answer>>) {
+        let mut folder_synced = false;
+        while let Ok(first) = committed.recv() {
+            let mut answers = first;
+            for more in committed.try_iter() {
+                answers.extend(more);
+            }
+            let synced = self.sync(&mut folder_synced);
+            if let Err(error) = &synced {
+                tracing::error!(
+                    wal = %self.path.display(),
+                    %error,
+                    "fsync of the SQLite write-ahead log failed; no call is acknowledged until \
+                     the orchestrator restarts"
+                );
+            }
+            for (reply, outcome) in answers {
+                let outcome = match (&synced, outcome) {
+                    (Err(error), Ok(_)) => Err(IngestError::Store(StoreError::Sync(
+                        std::io::Error::new(error.kind(), error.to_string()),
+                    ))),
+                    (_, outcome) => outcome,
+                };
+                let _ = reply.send(outcome);
+            }
+            if synced.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn sync(&self, folder_synced: &mut bool) -> std::io::Result<()> {
+        // Opened for each fsync: SQLite may replace the file, and fsync covers every write made
+        // through any handle of the file.
+        std::fs::File::open(&self.path)?.sync_data()?;
+        // The log's name in its folder must be durable too; once is enough.
+        if !*folder_synced {
+            if let Some(folder) = &self.folder
+                && !folder.as_os_str().is_empty()
+            {
+                std::fs::File::open(folder)?.sync_all()?;
+            }
+            *folder_synced = true;
+        }
+        Ok(())
     }
 }
 
@@ -253,23 +367,26 @@ async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receive
     let mut group = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
         let calls: Vec<&CheckedCall> = group.iter().map(|pending| &pending.checked).collect();
-        match committer.commit(&calls).await {
-            Ok(outcomes) => {
-                for (pending, outcome) in group.drain(..).zip(outcomes) {
-                    let _ = pending.reply.send(Ok(outcome));
-                }
-            }
+        let answers: Vec<Answer> = match committer.commit(&calls).await {
+            Ok(outcomes) => group
+                .drain(..)
+                .zip(outcomes)
+                .map(|(pending, outcome)| (pending.reply, Ok(outcome)))
+                .collect(),
             Err(error) => {
                 tracing::warn!(calls = group.len(), %error, "group commit failed; committing its calls one by one");
+                let mut answers = Vec::with_capacity(group.len());
                 for pending in group.drain(..) {
                     let outcome = committer
                         .commit(&[&pending.checked])
                         .await
                         .map(|mut outcomes| outcomes.remove(0));
-                    let _ = pending.reply.send(outcome);
+                    answers.push((pending.reply, outcome));
                 }
+                answers
             }
-        }
+        };
+        committer.acknowledge(answers);
     }
 }
 
@@ -478,6 +595,66 @@ mod tests {
         hash_canonical_json(&json, &mut streamed);
         let expected = Sha256::digest(br#"{"a":null,"b":[{"x":"\"q\"","y":1}],"c":1.5}"#);
         assert_eq!(hex(&streamed.finalize()), hex(&expected));
+    }
+
+    fn outcome(event_id: &str) -> IngestOutcome {
+        IngestOutcome {
+            event_id: event_id.to_owned(),
+            duplicate: false,
+            quarantined: false,
+        }
+    }
+
+    #[test]
+    fn calls_are_answered_after_the_log_is_synced() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let database = folder.path().join("store.db");
+        std::fs::write(folder.path().join("store.db-wal"), b"frames").expect("write the log");
+        let (durable, committed) = std::sync::mpsc::channel();
+        let syncer = std::thread::spawn({
+            let log = WriteAheadLog::of(&database);
+            move || log.sync_then_answer(&committed)
+        });
+        let (reply, answer) = oneshot::channel();
+        durable
+            .send(vec![(reply, Ok(outcome("evt_1")))])
+            .expect("the sync thread runs");
+        assert_eq!(
+            answer.blocking_recv().expect("an answer").expect("synced"),
+            outcome("evt_1")
+        );
+        drop(durable);
+        syncer.join().expect("the sync thread stops with its queue");
+    }
+
+    #[test]
+    fn a_failed_sync_answers_with_the_error_and_refuses_every_later_call() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        // No log file: the fsync cannot even open it.
+        let log = WriteAheadLog::of(&folder.path().join("missing.db"));
+        let (durable, committed) = std::sync::mpsc::channel();
+        let syncer = std::thread::spawn(move || log.sync_then_answer(&committed));
+        let (reply, answer) = oneshot::channel();
+        durable
+            .send(vec![(reply, Ok(outcome("evt_1")))])
+            .expect("the sync thread runs");
+        let error = answer
+            .blocking_recv()
+            .expect("an answer")
+            .expect_err("not durable");
+        assert!(
+            error.to_string().contains("cannot make the commit durable"),
+            "{error}"
+        );
+        syncer
+            .join()
+            .expect("the sync thread stops after a failure");
+        let (reply, later) = oneshot::channel();
+        assert!(durable.send(vec![(reply, Ok(outcome("evt_2")))]).is_err());
+        assert!(
+            later.blocking_recv().is_err(),
+            "a later call is never acknowledged"
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ fn store_status(error: &StoreError) -> Status {
         | StoreError::Migrate { .. }
         | StoreError::Query(_)
         | StoreError::Sqlite(_)
+        | StoreError::Sync(_)
         | StoreError::Writer(_) => {
             Status::unavailable(format!("the store is unavailable: {error}"))
         }

@@ -51,6 +51,9 @@ pub enum StoreError {
     /// The SQLite ingest writer's own connection failed.
     #[error("database error: {0}")]
     Sqlite(#[from] crate::ingest::SqliteError),
+    /// Making a commit durable failed.
+    #[error("cannot make the commit durable: {0}")]
+    Sync(std::io::Error),
     /// The ingest writer's thread could not be started.
     #[error("cannot start the ingest writer: {0}")]
     Writer(std::io::Error),
