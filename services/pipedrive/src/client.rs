@@ -13,6 +13,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use url::Url;
 
+use crate::pacing::{CallKind, Pacer};
+use leadrelay_runtime::config::RateLimit;
+
 /// How long one call may take before it is given up.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -131,10 +134,11 @@ struct Envelope<T> {
     additional_data: Option<Additional>,
 }
 
-/// The client. Cloning shares the connection pool.
+/// The client. Cloning shares the connection pool and the pace.
 #[derive(Clone)]
 pub struct PipedriveClient {
     http: reqwest::Client,
+    pacer: Option<std::sync::Arc<Pacer>>,
     /// `…/api/v2/`.
     v2: Url,
     /// `…/api/v1/` (webhooks).
@@ -173,11 +177,19 @@ impl PipedriveClient {
             .map_err(|error| PipedriveError::Transport(error.to_string()))?;
         Ok(Self {
             http,
+            pacer: None,
             v2: join("api/v2/")?,
             v1: join("api/v1/")?,
             token,
             timeout,
         })
+    }
+
+    /// The same client, every call paced within `budget` (see [`crate::pacing`]).
+    #[must_use]
+    pub fn paced(mut self, budget: RateLimit) -> Self {
+        self.pacer = Some(std::sync::Arc::new(Pacer::new(budget)));
+        self
     }
 
     /// `GET /api/v2/{path}` → `data`.
@@ -259,6 +271,14 @@ impl PipedriveClient {
         let url = base
             .join(path.trim_start_matches('/'))
             .map_err(|error| PipedriveError::Unexpected(format!("bad path {path}: {error}")))?;
+        if let Some(pacer) = &self.pacer {
+            let kind = if path.ends_with("/search") {
+                CallKind::Search
+            } else {
+                CallKind::Regular
+            };
+            pacer.admit(kind, None).await?;
+        }
         let mut token = reqwest::header::HeaderValue::from_str(self.token.expose_secret())
             .map_err(|_| PipedriveError::Unauthorized {
                 message: "the API token holds characters a header cannot carry".to_owned(),
@@ -286,8 +306,17 @@ impl PipedriveClient {
             .await
             .map_err(|error| self.transport(&error))?;
         tracing::debug!(%method, path, status = status.as_u16(), "pipedrive call");
+        if let Some(pacer) = &self.pacer {
+            pacer.observe(&headers);
+        }
         if !status.is_success() {
-            return Err(error_from(status, &headers, &bytes));
+            let error = error_from(status, &headers, &bytes);
+            if let (Some(pacer), PipedriveError::RateLimited { retry_after, daily }) =
+                (&self.pacer, &error)
+            {
+                pacer.rate_limited(*retry_after, *daily);
+            }
+            return Err(error);
         }
         if bytes.is_empty() {
             return Ok((None, None));
@@ -382,7 +411,7 @@ fn flatten(value: &Value) -> String {
     }
 }
 
-fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
+pub(crate) fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
     headers
         .get(name)?
         .to_str()

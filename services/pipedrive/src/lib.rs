@@ -2,6 +2,8 @@
 //! (the connector's whole operation set) and the canonical `leadrelay.v1.CrmSyncService`.
 
 pub mod client;
+pub mod pacing;
+pub mod wire;
 
 use leadrelay_proto::{
     pipedrive::v1::{
