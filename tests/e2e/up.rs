@@ -9,7 +9,8 @@ use leadrelay_proto::{
     },
     service_names,
     v1::{
-        GetCapabilitiesRequest, ListJobsRequest, crm_sync_service_client::CrmSyncServiceClient,
+        GetCapabilitiesRequest, ListJobsRequest, UpsertLeadRequest,
+        crm_sync_service_client::CrmSyncServiceClient,
         orchestrator_service_client::OrchestratorServiceClient,
     },
 };
@@ -293,16 +294,16 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
         &[("LEADRELAY_PIPEDRIVE_API_TOKEN", "pd-test-token")],
     )?;
 
-    let mut pipedrive = PipedriveAdapterServiceClient::new(up.channel("pipedrive-adapter").await?);
+    let mut pipedrive = CrmSyncServiceClient::new(up.channel("pipedrive-adapter").await?);
     let status = pipedrive
-        .add_deal(AddDealRequest::default())
+        .upsert_lead(UpsertLeadRequest::default())
         .await
         .err()
-        .ok_or("AddDeal is not built yet and must not fake success")?;
+        .ok_or("Pipedrive's CrmSync is not built yet and must not fake success")?;
     assert_eq!(status.code(), Code::Unimplemented);
     assert_eq!(
         status.message(),
-        "leadrelay.pipedrive.v1.PipedriveAdapterService/AddDeal is not implemented in this LeadRelay build"
+        "leadrelay.v1.CrmSyncService/UpsertLead is not implemented in this LeadRelay build"
     );
 
     let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);

@@ -233,20 +233,35 @@ impl PipedriveClient {
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut page_query = query.to_vec();
-            page_query.push(("limit", MAX_PAGE.to_string()));
-            if let Some(cursor) = cursor.take() {
-                page_query.push(("cursor", cursor));
-            }
-            let (page, additional) = self
-                .call::<Vec<T>, ()>(Method::GET, &self.v2, path, &page_query, None)
-                .await?;
-            items.extend(page.unwrap_or_default());
-            match additional.and_then(|additional| additional.next_cursor) {
-                Some(next) if !next.is_empty() => cursor = Some(next),
-                _ => return Ok(items),
+            let (page, next) = self.list_page(path, query, MAX_PAGE, cursor).await?;
+            items.extend(page);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(items),
             }
         }
+    }
+
+    /// One page of a v2 list of at most `limit` items, and the cursor of the next page.
+    pub async fn list_page<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        limit: u32,
+        cursor: Option<String>,
+    ) -> Result<(Vec<T>, Option<String>), PipedriveError> {
+        let mut page_query = query.to_vec();
+        page_query.push(("limit", limit.clamp(1, MAX_PAGE).to_string()));
+        if let Some(cursor) = cursor {
+            page_query.push(("cursor", cursor));
+        }
+        let (page, additional) = self
+            .call::<Vec<T>, ()>(Method::GET, &self.v2, path, &page_query, None)
+            .await?;
+        let next = additional
+            .and_then(|additional| additional.next_cursor)
+            .filter(|next| !next.is_empty());
+        Ok((page.unwrap_or_default(), next))
     }
 
     /// A call to a v1 path (webhooks) → `data`.
@@ -271,14 +286,18 @@ impl PipedriveClient {
         let url = base
             .join(path.trim_start_matches('/'))
             .map_err(|error| PipedriveError::Unexpected(format!("bad path {path}: {error}")))?;
-        if let Some(pacer) = &self.pacer {
-            let kind = if path.ends_with("/search") {
-                CallKind::Search
-            } else {
-                CallKind::Regular
-            };
-            pacer.admit(kind, None).await?;
-        }
+        // Held until the answer is in: the call keeps its place in the budget until then.
+        let _permit = match &self.pacer {
+            Some(pacer) => {
+                let kind = if path.ends_with("/search") {
+                    CallKind::Search
+                } else {
+                    CallKind::Regular
+                };
+                Some(pacer.admit(kind, None).await?)
+            }
+            None => None,
+        };
         let mut token = reqwest::header::HeaderValue::from_str(self.token.expose_secret())
             .map_err(|_| PipedriveError::Unauthorized {
                 message: "the API token holds characters a header cannot carry".to_owned(),

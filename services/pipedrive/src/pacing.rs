@@ -3,21 +3,31 @@
 //!
 //! Two rolling windows apply: the configured budget (`LEADRELAY_PIPEDRIVE_RATE_LIMIT`, the seed's
 //! 100 calls per 60 s by default) to every call, and Pipedrive's search limit (10 per 2 s) to
-//! search calls as well. A slot is reserved before the call waits for it, so concurrent callers
-//! queue in order instead of racing. Pipedrive's own signals tighten the pace: a burst window
-//! reported spent (`x-ratelimit-remaining: 0`) or a 429 holds every call until the reset, and a
-//! spent daily budget (`x-daily-ratelimit-token-remaining: 0`) fails calls at once, since it
-//! only resets at the server's midnight.
+//! search calls as well.
 //!
-//! A call never waits longer than `max_wait` (one budget window by default, or less when the
-//! caller's deadline is nearer): it is refused with the delay instead, which the RPC reports as
-//! RESOURCE_EXHAUSTED with a retry hint.
+//! Pipedrive counts a call when it arrives, which is somewhere between the moment we send it and
+//! the moment its answer is back; how long that takes varies. So a call holds its place in the
+//! window from the moment it is admitted until `per` after its answer: a new call is admitted
+//! only while fewer than `limit` calls are in flight or answered within the last `per`. Then no
+//! `per`-long window at Pipedrive can see more than `limit` arrivals, whatever the network and
+//! scheduling delays (if `limit + 1` arrived inside one, the last one admitted was admitted less
+//! than `per` after the others' answers, which the rule forbids). It costs one call's latency
+//! per window. Callers are admitted in arrival order.
+//!
+//! Pipedrive's own signals tighten the pace: a burst window reported spent
+//! (`x-ratelimit-remaining: 0`) or a 429 holds every call until the reset, and a spent daily
+//! budget (`x-daily-ratelimit-token-remaining: 0`) fails calls at once, since it only resets at the
+//! server's midnight.
+//!
+//! A call never waits longer than `max_wait` (one budget window, or less when the caller's
+//! deadline is nearer): when its estimated slot is further away it is refused at once with the
+//! delay, which the RPC reports as RESOURCE_EXHAUSTED with a retry hint.
 
-use std::{collections::VecDeque, sync::Mutex, time::Duration};
+use std::{sync::Mutex, time::Duration};
 
 use leadrelay_runtime::config::RateLimit;
 use reqwest::header::HeaderMap;
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::client::PipedriveError;
 
@@ -39,52 +49,60 @@ pub enum CallKind {
     Search,
 }
 
-/// One rolling window: at most `limit` calls in any `per`, with `margin` added to each window
-/// so that the two ends' clocks and network delays cannot push two calls into one window.
-#[derive(Debug)]
+/// One rolling window: at most `limit` calls in any `per`.
+#[derive(Clone, Debug)]
 struct Window {
     limit: usize,
     per: Duration,
-    /// Start times of the calls of the last window, reserved ones included, in order.
-    starts: VecDeque<Instant>,
+    /// Calls holding a place: `None` while in flight, else when their answer came.
+    calls: Vec<(u64, Option<Instant>)>,
+}
+
+/// When a new call may be admitted to a window.
+enum Slot {
+    Now,
+    At(Instant),
+    /// Every place is held by a call in flight: wait for an answer.
+    AfterAnAnswer,
 }
 
 impl Window {
     fn new(limit: RateLimit) -> Self {
-        let margin = (limit.per / 50).max(Duration::from_millis(20));
         Self {
             limit: usize::try_from(limit.calls).unwrap_or(usize::MAX).max(1),
-            per: limit.per + margin,
-            starts: VecDeque::new(),
+            per: limit.per,
+            calls: Vec::new(),
         }
     }
 
-    /// The earliest start at or after `earliest` that keeps this window within its limit.
-    fn next_start(&mut self, now: Instant, earliest: Instant) -> Instant {
-        while self
-            .starts
-            .front()
-            .is_some_and(|start| *start + self.per <= now)
-        {
-            self.starts.pop_front();
+    fn slot(&mut self, now: Instant) -> Slot {
+        let per = self.per;
+        self.calls
+            .retain(|(_, answered)| answered.is_none_or(|at| at + per > now));
+        if self.calls.len() < self.limit {
+            return Slot::Now;
         }
-        let mut start = earliest;
-        if self.starts.len() >= self.limit {
-            start = start.max(self.starts[self.starts.len() - self.limit] + self.per);
-        }
-        // Starts stay ordered: a call never overtakes one reserved before it.
-        if let Some(last) = self.starts.back() {
-            start = start.max(*last);
-        }
-        start
+        // The places free up as answered calls age out, earliest first.
+        let mut answered: Vec<Instant> = self.calls.iter().filter_map(|(_, at)| *at).collect();
+        answered.sort_unstable();
+        let must_free = self.calls.len() + 1 - self.limit;
+        answered
+            .get(must_free - 1)
+            .map_or(Slot::AfterAnAnswer, |at| Slot::At(*at + per))
     }
 
-    fn reserve(&mut self, start: Instant) {
-        self.starts.push_back(start);
+    fn admit(&mut self, call: u64) {
+        self.calls.push((call, None));
+    }
+
+    fn answered(&mut self, call: u64, at: Instant) {
+        if let Some(entry) = self.calls.iter_mut().find(|(id, _)| *id == call) {
+            entry.1 = Some(at);
+        }
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct State {
     budget: Window,
     search: Window,
@@ -92,78 +110,162 @@ struct State {
     held_until: Option<Instant>,
     /// The daily budget was reported spent; calls fail until this.
     daily_spent_until: Option<Instant>,
+    /// Callers waiting for their turn.
+    queued: usize,
+    next_call: u64,
+}
+
+impl State {
+    fn hold(&mut self, until: Instant) {
+        self.held_until = Some(self.held_until.map_or(until, |held| held.max(until)));
+    }
+
+    fn daily_spent(&mut self, now: Instant) -> Result<(), PipedriveError> {
+        match self.daily_spent_until {
+            Some(until) if until > now => Err(PipedriveError::RateLimited {
+                retry_after: until - now,
+                daily: true,
+            }),
+            Some(_) => {
+                self.daily_spent_until = None;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// When a call of `kind` may be admitted.
+    fn slot(&mut self, kind: CallKind, now: Instant) -> Slot {
+        let mut slots = vec![self.budget.slot(now)];
+        if kind == CallKind::Search {
+            slots.push(self.search.slot(now));
+        }
+        if let Some(held) = self.held_until.filter(|held| *held > now) {
+            slots.push(Slot::At(held));
+        }
+        slots
+            .into_iter()
+            .fold(Slot::Now, |later, slot| match (later, slot) {
+                (Slot::AfterAnAnswer, _) | (_, Slot::AfterAnAnswer) => Slot::AfterAnAnswer,
+                (Slot::Now, other) | (other, Slot::Now) => other,
+                (Slot::At(a), Slot::At(b)) => Slot::At(a.max(b)),
+            })
+    }
+
+    fn admit(&mut self, kind: CallKind) -> u64 {
+        let call = self.next_call;
+        self.next_call += 1;
+        self.budget.admit(call);
+        if kind == CallKind::Search {
+            self.search.admit(call);
+        }
+        call
+    }
+
+    fn answered(&mut self, call: u64, at: Instant) {
+        self.budget.answered(call, at);
+        self.search.answered(call, at);
+    }
 }
 
 /// The pace of one API token.
 #[derive(Debug)]
 pub struct Pacer {
     state: Mutex<State>,
+    /// Admission in arrival order (tokio's mutex is fair).
+    turn: tokio::sync::Mutex<()>,
+    answered: Notify,
     max_wait: Duration,
+}
+
+/// An admitted call's place in the windows. Dropping it marks the call answered (or abandoned),
+/// which starts the `per` after which its place frees up.
+#[derive(Debug)]
+pub struct Permit<'p> {
+    pacer: &'p Pacer,
+    call: u64,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.pacer.lock().answered(self.call, Instant::now());
+        self.pacer.answered.notify_waiters();
+    }
+}
+
+/// Counts a caller as queued until it is admitted or gives up.
+struct Queued<'p>(&'p Pacer);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.queued = state.queued.saturating_sub(1);
+    }
 }
 
 impl Pacer {
     /// A pacer for `budget`, with the search limit on top; calls wait at most one window.
     pub fn new(budget: RateLimit) -> Self {
-        let budget = Window::new(budget);
         Self {
             max_wait: budget.per,
             state: Mutex::new(State {
-                budget,
+                budget: Window::new(budget),
                 search: Window::new(SEARCH_LIMIT),
                 held_until: None,
                 daily_spent_until: None,
+                queued: 0,
+                next_call: 0,
             }),
+            turn: tokio::sync::Mutex::new(()),
+            answered: Notify::new(),
         }
     }
 
-    /// Waits for a slot for one call of `kind`, or refuses at once when the slot is more than
-    /// `max_wait` (or `deadline`, when nearer) away.
+    /// Waits for a place for one call of `kind`, or refuses at once when it would be more than
+    /// `max_wait` (or `deadline`, when nearer) away. Keep the permit until the answer is in.
     pub async fn admit(
         &self,
         kind: CallKind,
         deadline: Option<Duration>,
-    ) -> Result<(), PipedriveError> {
-        let start = self.reserve(kind, deadline)?;
-        tokio::time::sleep_until(start).await;
-        Ok(())
-    }
-
-    fn reserve(
-        &self,
-        kind: CallKind,
-        deadline: Option<Duration>,
-    ) -> Result<Instant, PipedriveError> {
-        let now = Instant::now();
-        let mut state = self.lock();
-        if let Some(until) = state.daily_spent_until {
-            if until > now {
+    ) -> Result<Permit<'_>, PipedriveError> {
+        let max_wait = deadline.map_or(self.max_wait, |deadline| deadline.min(self.max_wait));
+        let queued = {
+            let now = Instant::now();
+            let mut state = self.lock();
+            state.daily_spent(now)?;
+            let wait = estimate(&state, kind, now).saturating_duration_since(now);
+            if wait > max_wait {
                 return Err(PipedriveError::RateLimited {
-                    retry_after: until - now,
-                    daily: true,
+                    retry_after: wait,
+                    daily: false,
                 });
             }
-            state.daily_spent_until = None;
+            state.queued += 1;
+            Queued(self)
+        };
+        let _turn = self.turn.lock().await;
+        drop(queued);
+        loop {
+            // Registered before the check, so an answer in between is not missed.
+            let answer = self.answered.notified();
+            let slot = {
+                let now = Instant::now();
+                let mut state = self.lock();
+                state.daily_spent(now)?;
+                match state.slot(kind, now) {
+                    Slot::Now => {
+                        let call = state.admit(kind);
+                        return Ok(Permit { pacer: self, call });
+                    }
+                    slot => slot,
+                }
+            };
+            // Checked again on waking: a hold may have been added meanwhile.
+            match slot {
+                Slot::At(at) => tokio::time::sleep_until(at).await,
+                _ => answer.await,
+            }
         }
-        let mut start = state.held_until.map_or(now, |held| held.max(now));
-        start = state.budget.next_start(now, start);
-        if kind == CallKind::Search {
-            start = state.search.next_start(now, start);
-            // The budget window must still hold at the later start.
-            start = state.budget.next_start(now, start);
-        }
-        let wait = start - now;
-        let max_wait = deadline.map_or(self.max_wait, |deadline| deadline.min(self.max_wait));
-        if wait > max_wait {
-            return Err(PipedriveError::RateLimited {
-                retry_after: wait,
-                daily: false,
-            });
-        }
-        state.budget.reserve(start);
-        if kind == CallKind::Search {
-            state.search.reserve(start);
-        }
-        Ok(start)
     }
 
     /// Reads Pipedrive's rate headers from any answer: a spent burst window holds calls until
@@ -203,10 +305,25 @@ impl Pacer {
     }
 }
 
-impl State {
-    fn hold(&mut self, until: Instant) {
-        self.held_until = Some(self.held_until.map_or(until, |held| held.max(until)));
+/// When a caller arriving now would be admitted, behind everyone queued, assuming every call
+/// in flight is answered now and every queued one is answered as soon as it is admitted.
+fn estimate(state: &State, kind: CallKind, now: Instant) -> Instant {
+    let mut future = state.clone();
+    for window in [&mut future.budget, &mut future.search] {
+        for (_, answered) in &mut window.calls {
+            answered.get_or_insert(now);
+        }
     }
+    let mut at = now;
+    for _ in 0..=state.queued {
+        at = match future.slot(kind, at) {
+            Slot::At(later) => later,
+            Slot::Now | Slot::AfterAnAnswer => at,
+        };
+        let call = future.admit(kind);
+        future.answered(call, at);
+    }
+    at
 }
 
 #[cfg(test)]
@@ -246,7 +363,7 @@ mod tests {
                 // to each call's own wait, so later calls retry when refused.
                 loop {
                     match pacer.admit(CallKind::Regular, None).await {
-                        Ok(()) => return Instant::now(),
+                        Ok(_answered_at_once) => return Instant::now(),
                         Err(PipedriveError::RateLimited { retry_after, .. }) => {
                             tokio::time::sleep(retry_after / 2).await;
                         }

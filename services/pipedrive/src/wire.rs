@@ -328,6 +328,7 @@ pub struct WireWebhook {
     pub is_active: Option<Value>,
     pub http_auth_user: Option<String>,
     pub add_time: Option<String>,
+    pub name: Option<String>,
 }
 
 impl From<WireWebhook> for Webhook {
@@ -345,6 +346,7 @@ impl From<WireWebhook> for Webhook {
             },
             http_auth_user: webhook.http_auth_user.unwrap_or_default(),
             add_time: timestamp(webhook.add_time.as_deref()),
+            name: webhook.name.unwrap_or_default(),
         }
     }
 }

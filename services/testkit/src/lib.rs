@@ -1,6 +1,9 @@
 //! Helpers for LeadRelay's tests. Postgres tests use the server at `127.0.0.1:5432` (trust auth,
 //! database `test`), or `LEADRELAY_TEST_POSTGRES_URL`; each test gets a database of its own.
 
+pub mod openapi;
+pub mod pipedrive;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{Connection, Executor, PgConnection};
