@@ -4,5 +4,6 @@
 mod cli;
 mod crash;
 mod hana_ingest;
+mod pipedrive;
 mod support;
 mod up;
