@@ -291,15 +291,19 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
     let folder = tempfile::tempdir()?;
     let up = Up::start(
         folder.path(),
-        &[("LEADRELAY_PIPEDRIVE_API_TOKEN", "pd-test-token")],
+        &[
+            ("LEADRELAY_SALESMAN_API_URL", "http://127.0.0.1:9/"),
+            ("LEADRELAY_SALESMAN_LOGIN", "manager@example.com"),
+            ("LEADRELAY_SALESMAN_API_KEY", "sm-test-key"),
+        ],
     )?;
 
-    let mut pipedrive = CrmSyncServiceClient::new(up.channel("pipedrive-adapter").await?);
-    let status = pipedrive
+    let mut salesman = CrmSyncServiceClient::new(up.channel("salesman-adapter").await?);
+    let status = salesman
         .upsert_lead(UpsertLeadRequest::default())
         .await
         .err()
-        .ok_or("Pipedrive's CrmSync is not built yet and must not fake success")?;
+        .ok_or("SalesMan's CrmSync is not built yet and must not fake success")?;
     assert_eq!(status.code(), Code::Unimplemented);
     assert_eq!(
         status.message(),
@@ -318,7 +322,7 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
             .message()
             .starts_with("leadrelay.v1.OrchestratorService/ListJobs")
     );
-    assert!(!up.logs().contains("pd-test-token"));
+    assert!(!up.logs().contains("sm-test-key"));
     Ok(())
 }
 

@@ -84,7 +84,8 @@ impl PipedriveApi {
         &self.client
     }
 
-    async fn check_activity_type(&self, kind: &str) -> Result<(), Status> {
+    /// Refuses `kind` unless it is one of the account's active activity types.
+    pub(crate) async fn check_activity_type(&self, kind: &str) -> Result<(), Status> {
         let mut known = self.activity_types.lock().await;
         if known
             .as_ref()
@@ -150,6 +151,11 @@ impl PipedriveAdapter {
         &self.credentials
     }
 
+    /// The shared API, for the canonical face.
+    pub(crate) fn api_handle(&self) -> Option<Arc<PipedriveApi>> {
+        self.api.clone()
+    }
+
     fn api(&self) -> Result<&PipedriveApi, Status> {
         self.credentials.require()?;
         self.api
@@ -181,7 +187,7 @@ fn clock(text: &str, what: &str) -> Result<String, Status> {
 }
 
 /// A decimal string as the JSON number v2 requires (it refuses numeric strings).
-fn amount(text: &str) -> Result<Value, Status> {
+pub(crate) fn amount(text: &str) -> Result<Value, Status> {
     let number: serde_json::Number = text
         .trim()
         .parse()
@@ -218,7 +224,7 @@ fn put_id(body: &mut Map<String, Value>, key: &str, id: i64) {
 }
 
 /// Emails or phones as v2 persons take them, the first marked primary.
-fn contacts(values: &[String], label: &str) -> Value {
+pub(crate) fn contacts(values: &[String], label: &str) -> Value {
     Value::Array(
         values
             .iter()

@@ -4,26 +4,29 @@
 pub mod adapter;
 pub mod client;
 pub mod pacing;
+pub mod sync;
 pub mod wire;
 
 use std::sync::Arc;
 
 use leadrelay_proto::{
-    pipedrive::v1::pipedrive_adapter_service_server::PipedriveAdapterServiceServer,
-    service_names,
-    v1::{System, crm_sync_service_server::CrmSyncServiceServer},
+    pipedrive::v1::pipedrive_adapter_service_server::PipedriveAdapterServiceServer, service_names,
+    v1::crm_sync_service_server::CrmSyncServiceServer,
 };
 use leadrelay_runtime::{
     Settings,
-    adapter::{Credentials, PendingCrmSync},
+    adapter::Credentials,
     grpc::{GrpcServer, GrpcServerError},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use self::adapter::{PipedriveAdapter, PipedriveApi};
 use self::client::PipedriveError;
+pub use self::{
+    adapter::{PipedriveAdapter, PipedriveApi},
+    sync::PipedriveSync,
+};
 
 impl PipedriveAdapter {
     /// The adapter for the Pipedrive settings; without an API token every RPC answers
@@ -38,7 +41,7 @@ impl PipedriveAdapter {
 
     /// The adapter's gRPC routes: its native service and `CrmSyncService`.
     pub fn routes(self) -> Routes {
-        let sync = PendingCrmSync::new(System::Pipedrive, self.credentials().clone());
+        let sync = PipedriveSync::new(self.credentials().clone(), self.api_handle());
         Routes::new(PipedriveAdapterServiceServer::new(self))
             .add_service(CrmSyncServiceServer::new(sync))
     }

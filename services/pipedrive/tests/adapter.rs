@@ -3,8 +3,7 @@
 //! v2 document (v1 for webhooks): method, path, query and JSON body.
 
 use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    collections::VecDeque,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -17,12 +16,10 @@ use leadrelay_proto::pipedrive::v1::{
     UpdateDealStageRequest, UpdateDealStatusRequest, UpdatePersonRequest,
     pipedrive_adapter_service_client::PipedriveAdapterServiceClient,
 };
-use leadrelay_runtime::Settings;
 use leadrelay_testkit::pipedrive::{
     activity_types, assert_requests_conform, deal, mount, mount_every_operation, ok, stage,
 };
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
 use wiremock::{
@@ -30,38 +27,17 @@ use wiremock::{
     matchers::{method, path},
 };
 
+mod common;
+
 const TOKEN: &str = "pd-adapter-token-91c3";
 
-/// The adapter, served on a random port, configured by environment-style settings.
+/// The adapter's native face, served on a random port against `server`.
 async fn adapter(
     server: &MockServer,
     rate_limit: &str,
 ) -> (PipedriveAdapterServiceClient<Channel>, CancellationToken) {
-    let vars: HashMap<&str, String> = HashMap::from([
-        ("LEADRELAY_PIPEDRIVE_API_URL", server.uri()),
-        ("LEADRELAY_PIPEDRIVE_API_TOKEN", TOKEN.to_owned()),
-        (
-            "LEADRELAY_PIPEDRIVE_WEBHOOK_USER",
-            "pipedrive-hook".to_owned(),
-        ),
-        (
-            "LEADRELAY_PIPEDRIVE_WEBHOOK_PASSWORD",
-            "hook-secret-77".to_owned(),
-        ),
-        ("LEADRELAY_PIPEDRIVE_RATE_LIMIT", rate_limit.to_owned()),
-    ]);
-    let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let address: SocketAddr = listener.local_addr().expect("its address");
-    let shutdown = CancellationToken::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { leadrelay_pipedrive::serve(&settings, listener, shutdown).await }
-    });
-    let client = PipedriveAdapterServiceClient::connect(format!("http://{address}"))
-        .await
-        .expect("the adapter answers");
-    (client, shutdown)
+    let (channel, shutdown) = common::serve(server, TOKEN, rate_limit).await;
+    (PipedriveAdapterServiceClient::new(channel), shutdown)
 }
 
 #[tokio::test]

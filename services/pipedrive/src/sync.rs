@@ -1,0 +1,621 @@
+//! `CrmSyncService` for Pipedrive: canonical leads, deals and activities as persons, deals and
+//! activities, found before they are created and patched with only what differs.
+//!
+//! - A lead becomes a person: found by its link, else by exact email, else by exact phone, else
+//!   created. A found person is patched only where the lead adds something (its name, an email
+//!   or phone the person lacks); when nothing differs nothing is sent.
+//! - A deal becomes a deal linked to its contact's person (found or created the same way): found
+//!   by its link and patched with the fields that differ, else created.
+//! - A deleted deal is marked lost with the reason; Pipedrive keeps it for the sales team.
+//! - An activity carries LeadRelay's marker (its idempotency key) in its note, so a retry finds
+//!   the activity it already added instead of adding a second one.
+//!
+//! A deal has no field LeadRelay could mark without an account-specific custom field, so a deal
+//! is found by its link only; closing the window between creating it and storing the link is the
+//! sync engine's part.
+
+use std::sync::Arc;
+
+use leadrelay_proto::v1::{
+    AddActivityRequest, AddActivityResponse, DealStatus, DeleteDealRequest, DeleteDealResponse,
+    DeleteLeadRequest, DeleteLeadResponse, ExternalRef, GetCapabilitiesRequest,
+    GetCapabilitiesResponse, Lead, RemoteKind, SyncOutcome, System, UpsertDealRequest,
+    UpsertDealResponse, UpsertLeadRequest, UpsertLeadResponse,
+    crm_sync_service_server::CrmSyncService,
+};
+use leadrelay_runtime::adapter::Credentials;
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    adapter::{PipedriveApi, amount, contacts},
+    client::PipedriveError,
+    wire::{PersonSearch, WireActivity, WireDeal, WirePerson},
+};
+
+/// The reason a deal deleted at its source is marked lost with, when the request gives none.
+const DELETED_REASON: &str = "deleted in Hana";
+
+/// Pipedrive's canonical face.
+#[derive(Clone, Debug)]
+pub struct PipedriveSync {
+    credentials: Credentials,
+    api: Option<Arc<PipedriveApi>>,
+}
+
+impl PipedriveSync {
+    /// The sync over `api`; without it every call but GetCapabilities answers
+    /// FAILED_PRECONDITION naming what `credentials` lacks.
+    pub fn new(credentials: Credentials, api: Option<Arc<PipedriveApi>>) -> Self {
+        Self { credentials, api }
+    }
+
+    fn api(&self) -> Result<&PipedriveApi, Status> {
+        self.credentials.require()?;
+        self.api
+            .as_deref()
+            .ok_or_else(|| Status::failed_precondition("Pipedrive is not configured"))
+    }
+}
+
+/// The open link of `kind` among `refs`, as a Pipedrive id.
+fn linked(refs: &[ExternalRef], kind: RemoteKind) -> Option<i64> {
+    refs.iter()
+        .filter(|link| link.system() == System::Pipedrive && link.kind() == kind)
+        .filter(|link| link.closed_at.is_none())
+        .find_map(|link| link.remote_id.trim().parse().ok())
+        .filter(|id: &i64| *id > 0)
+}
+
+fn external_ref(kind: RemoteKind, id: i64) -> ExternalRef {
+    ExternalRef {
+        system: System::Pipedrive.into(),
+        kind: kind.into(),
+        remote_id: id.to_string(),
+        linked_at: None,
+        closed_at: None,
+    }
+}
+
+/// Whether `field` is to be synced: every field when the caller named none.
+fn wanted(changed_fields: &[String], field: &str) -> bool {
+    changed_fields.is_empty() || changed_fields.iter().any(|changed| changed == field)
+}
+
+/// Digits only, so "+84 978-712-200" and "84978712200" compare equal.
+fn phone_key(phone: &str) -> String {
+    phone.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// What a person should hold: a name, emails, phones.
+#[derive(Debug, Default)]
+struct Contact {
+    name: String,
+    emails: Vec<String>,
+    phones: Vec<String>,
+}
+
+impl Contact {
+    fn of_lead(lead: &Lead) -> Self {
+        let emails: Vec<String> = lead
+            .emails
+            .iter()
+            .map(|email| email.trim().to_lowercase())
+            .filter(|email| !email.is_empty())
+            .collect();
+        let phones: Vec<String> = lead
+            .phones
+            .iter()
+            .map(|phone| phone.trim().to_owned())
+            .filter(|phone| !phone.is_empty())
+            .collect();
+        Self {
+            name: lead.name.trim().to_owned(),
+            emails,
+            phones,
+        }
+    }
+
+    /// The name a new person gets: Pipedrive requires one.
+    fn display_name(&self) -> String {
+        [
+            Some(self.name.as_str()),
+            self.emails.first().map(String::as_str),
+            self.phones.first().map(String::as_str),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|name| !name.is_empty())
+        .unwrap_or("Lead from Hana")
+        .to_owned()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.name.is_empty() && self.emails.is_empty() && self.phones.is_empty()
+    }
+}
+
+/// Finds or creates the person for `contact`; with `changed_fields`, also patches a found person
+/// where `contact` adds something to those fields. Returns its id and what happened.
+async fn sync_person(
+    api: &PipedriveApi,
+    link: Option<i64>,
+    contact: &Contact,
+    changed_fields: Option<&[String]>,
+) -> Result<(i64, SyncOutcome), Status> {
+    let existing = match link {
+        Some(id) => match api
+            .client()
+            .get::<WirePerson>(&format!("persons/{id}"), &[])
+            .await
+        {
+            Ok(person) => Some(person),
+            // Deleted in Pipedrive since: found or created anew below.
+            Err(PipedriveError::NotFound { .. }) => None,
+            Err(error) => return Err(error.into()),
+        },
+        None => None,
+    };
+    let existing = match existing {
+        Some(person) => Some(person),
+        None => find_person(api, contact).await?,
+    };
+    let Some(person) = existing else {
+        let mut body = Map::new();
+        body.insert("name".to_owned(), json!(contact.display_name()));
+        if !contact.emails.is_empty() {
+            body.insert("emails".to_owned(), contacts(&contact.emails, "work"));
+        }
+        if !contact.phones.is_empty() {
+            body.insert("phones".to_owned(), contacts(&contact.phones, "work"));
+        }
+        let created: WirePerson = api.client().send(Method::POST, "persons", &body).await?;
+        return Ok((created.id.0, SyncOutcome::Created));
+    };
+    let id = person.id.0;
+    let Some(changed_fields) = changed_fields else {
+        return Ok((id, SyncOutcome::Unchanged));
+    };
+    let current = leadrelay_proto::pipedrive::v1::Person::from(person);
+    let mut patch = Map::new();
+    if wanted(changed_fields, "name") && !contact.name.is_empty() && contact.name != current.name {
+        patch.insert("name".to_owned(), json!(contact.name));
+    }
+    if wanted(changed_fields, "emails") {
+        let known: Vec<String> = current
+            .emails
+            .iter()
+            .map(|email| email.to_lowercase())
+            .collect();
+        let added: Vec<&String> = contact
+            .emails
+            .iter()
+            .filter(|email| !known.contains(email))
+            .collect();
+        if !added.is_empty() {
+            let mut all = current.emails.clone();
+            all.extend(added.into_iter().cloned());
+            patch.insert("emails".to_owned(), contacts(&all, "work"));
+        }
+    }
+    if wanted(changed_fields, "phones") {
+        let known: Vec<String> = current
+            .phones
+            .iter()
+            .map(|phone| phone_key(phone))
+            .collect();
+        let added: Vec<&String> = contact
+            .phones
+            .iter()
+            .filter(|phone| !known.contains(&phone_key(phone)))
+            .collect();
+        if !added.is_empty() {
+            let mut all = current.phones.clone();
+            all.extend(added.into_iter().cloned());
+            patch.insert("phones".to_owned(), contacts(&all, "work"));
+        }
+    }
+    if patch.is_empty() {
+        return Ok((id, SyncOutcome::Unchanged));
+    }
+    let _: WirePerson = api
+        .client()
+        .send(Method::PATCH, &format!("persons/{id}"), &patch)
+        .await?;
+    Ok((id, SyncOutcome::Updated))
+}
+
+/// A person with one of `contact`'s emails, else one of its phones, exactly.
+async fn find_person(api: &PipedriveApi, contact: &Contact) -> Result<Option<WirePerson>, Status> {
+    let terms = contact
+        .emails
+        .iter()
+        .map(|email| ("email", email.clone()))
+        .chain(contact.phones.iter().map(|phone| ("phone", phone.clone())));
+    for (field, term) in terms {
+        let query = [
+            ("term", term),
+            ("fields", field.to_owned()),
+            ("exact_match", "true".to_owned()),
+        ];
+        let found: PersonSearch = api.client().get("persons/search", &query).await?;
+        if let Some(first) = found.items.into_iter().next() {
+            return Ok(Some(first.item));
+        }
+    }
+    Ok(None)
+}
+
+fn status_name(status: DealStatus) -> &'static str {
+    match status {
+        DealStatus::Won => "won",
+        DealStatus::Lost | DealStatus::Deleted => "lost",
+        DealStatus::Open | DealStatus::Unspecified => "open",
+    }
+}
+
+/// The fields a deal should hold in Pipedrive, as v2 takes them.
+fn deal_fields(
+    deal: &leadrelay_proto::v1::Deal,
+    person_id: Option<i64>,
+) -> Result<Map<String, Value>, Status> {
+    let mut fields = Map::new();
+    let title = match deal.title.trim() {
+        "" => "Deal from Hana",
+        title => title,
+    };
+    fields.insert("title".to_owned(), json!(title));
+    if let Some(money) = &deal.value
+        && !money.amount.trim().is_empty()
+    {
+        fields.insert("value".to_owned(), amount(&money.amount)?);
+        let code = money.currency_code.trim().to_ascii_uppercase();
+        if code.len() == 3 {
+            fields.insert("currency".to_owned(), json!(code));
+        }
+    }
+    let status = deal.status();
+    fields.insert("status".to_owned(), json!(status_name(status)));
+    if matches!(status, DealStatus::Lost | DealStatus::Deleted) {
+        let reason = match deal.lost_reason.trim() {
+            "" if status == DealStatus::Deleted => DELETED_REASON,
+            reason => reason,
+        };
+        if !reason.is_empty() {
+            fields.insert("lost_reason".to_owned(), json!(reason));
+        }
+    }
+    if let Some(date) = &deal.expected_close_date
+        && let Some(day) = chrono::NaiveDate::from_ymd_opt(
+            date.year,
+            u32::try_from(date.month).unwrap_or(0),
+            u32::try_from(date.day).unwrap_or(0),
+        )
+    {
+        fields.insert(
+            "expected_close_date".to_owned(),
+            json!(day.format("%Y-%m-%d").to_string()),
+        );
+    }
+    for (key, id) in [
+        ("pipeline_id", &deal.pipeline_id),
+        ("stage_id", &deal.stage_id),
+    ] {
+        if let Ok(id) = id.trim().parse::<i64>()
+            && id > 0
+        {
+            fields.insert(key.to_owned(), json!(id));
+        }
+    }
+    if let Some(person_id) = person_id {
+        fields.insert("person_id".to_owned(), json!(person_id));
+    }
+    Ok(fields)
+}
+
+/// The canonical field a Pipedrive deal field comes from, for `changed_fields`.
+fn canonical_field(key: &str) -> &'static str {
+    match key {
+        "title" => "title",
+        "value" | "currency" => "value",
+        "status" | "lost_reason" => "status",
+        "expected_close_date" => "expected_close_date",
+        "pipeline_id" | "stage_id" => "stage_id",
+        "person_id" => "contact",
+        _ => "",
+    }
+}
+
+/// The fields of `wanted` whose value differs from the deal as Pipedrive holds it.
+fn deal_patch(
+    current: &Value,
+    wanted_fields: Map<String, Value>,
+    changed_fields: &[String],
+) -> Map<String, Value> {
+    wanted_fields
+        .into_iter()
+        .filter(|(key, _)| wanted(changed_fields, canonical_field(key)) || key == "person_id")
+        .filter(|(key, value)| {
+            let held = current.get(key).unwrap_or(&Value::Null);
+            match (held, value) {
+                // 120.5 and 120.50 are the same amount.
+                (Value::Number(held), Value::Number(value)) => held.as_f64() != value.as_f64(),
+                (held, value) => held != value,
+            }
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl CrmSyncService for PipedriveSync {
+    async fn get_capabilities(
+        &self,
+        _request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<GetCapabilitiesResponse>, Status> {
+        let configured = self.credentials.is_configured() && self.api.is_some();
+        Ok(Response::new(GetCapabilitiesResponse {
+            system: System::Pipedrive.into(),
+            configured,
+            missing_settings: self
+                .credentials
+                .missing()
+                .iter()
+                .map(|name| (*name).to_owned())
+                .collect(),
+            creates_leads: configured,
+            updates_leads: configured,
+            syncs_deals: configured,
+            adds_activities: configured,
+        }))
+    }
+
+    async fn upsert_lead(
+        &self,
+        request: Request<UpsertLeadRequest>,
+    ) -> Result<Response<UpsertLeadResponse>, Status> {
+        let api = self.api()?;
+        let request = request.into_inner();
+        let lead = request
+            .lead
+            .ok_or_else(|| Status::invalid_argument("lead is required"))?;
+        let contact = Contact::of_lead(&lead);
+        let link = linked(&lead.external_refs, RemoteKind::PipedrivePerson);
+        if contact.is_empty() && link.is_none() {
+            return Err(Status::invalid_argument(format!(
+                "lead {} has no name, email or phone to make a Pipedrive person of",
+                lead.id
+            )));
+        }
+        let (id, outcome) = sync_person(api, link, &contact, Some(&request.changed_fields)).await?;
+        Ok(Response::new(UpsertLeadResponse {
+            outcome: outcome.into(),
+            refs: vec![external_ref(RemoteKind::PipedrivePerson, id)],
+        }))
+    }
+
+    async fn delete_lead(
+        &self,
+        request: Request<DeleteLeadRequest>,
+    ) -> Result<Response<DeleteLeadResponse>, Status> {
+        self.api()?;
+        // Pipedrive keeps the person: it belongs to the sales team's history. LeadRelay only
+        // closes its link.
+        let refs = request
+            .into_inner()
+            .lead
+            .and_then(|lead| linked(&lead.external_refs, RemoteKind::PipedrivePerson))
+            .map(|id| vec![external_ref(RemoteKind::PipedrivePerson, id)])
+            .unwrap_or_default();
+        Ok(Response::new(DeleteLeadResponse {
+            outcome: SyncOutcome::NotSupported.into(),
+            refs,
+        }))
+    }
+
+    async fn upsert_deal(
+        &self,
+        request: Request<UpsertDealRequest>,
+    ) -> Result<Response<UpsertDealResponse>, Status> {
+        let api = self.api()?;
+        let request = request.into_inner();
+        let deal = request
+            .deal
+            .ok_or_else(|| Status::invalid_argument("deal is required"))?;
+        // The contact: the known lead, else the contact details on the deal.
+        let (person_link, contact) = match &request.contact {
+            Some(lead) => (
+                linked(&lead.external_refs, RemoteKind::PipedrivePerson),
+                Contact::of_lead(lead),
+            ),
+            None => {
+                let given = deal.contact.clone().unwrap_or_default();
+                let contact = Contact {
+                    name: given.name.trim().to_owned(),
+                    emails: Some(given.email.trim().to_lowercase())
+                        .filter(|email| !email.is_empty())
+                        .into_iter()
+                        .collect(),
+                    phones: Some(given.phone.trim().to_owned())
+                        .filter(|phone| !phone.is_empty())
+                        .into_iter()
+                        .collect(),
+                };
+                (None, contact)
+            }
+        };
+        let mut refs = Vec::new();
+        let person_id = if contact.is_empty() && person_link.is_none() {
+            None
+        } else {
+            // The deal's sync does not rewrite the contact: only a missing person is created.
+            let (id, _) = sync_person(api, person_link, &contact, None).await?;
+            refs.push(external_ref(RemoteKind::PipedrivePerson, id));
+            Some(id)
+        };
+        let fields = deal_fields(&deal, person_id)?;
+        let current = match linked(&deal.external_refs, RemoteKind::PipedriveDeal) {
+            Some(id) => match api.client().get::<Value>(&format!("deals/{id}"), &[]).await {
+                Ok(current) => Some((id, current)),
+                Err(PipedriveError::NotFound { .. }) => None,
+                Err(error) => return Err(error.into()),
+            },
+            None => None,
+        };
+        let outcome = match current {
+            Some((id, current)) => {
+                refs.push(external_ref(RemoteKind::PipedriveDeal, id));
+                let patch = deal_patch(&current, fields, &request.changed_fields);
+                if patch.is_empty() {
+                    SyncOutcome::Unchanged
+                } else {
+                    let _: WireDeal = api
+                        .client()
+                        .send(Method::PATCH, &format!("deals/{id}"), &patch)
+                        .await?;
+                    SyncOutcome::Updated
+                }
+            }
+            None => {
+                let created: WireDeal = api.client().send(Method::POST, "deals", &fields).await?;
+                refs.push(external_ref(RemoteKind::PipedriveDeal, created.id.0));
+                SyncOutcome::Created
+            }
+        };
+        Ok(Response::new(UpsertDealResponse {
+            outcome: outcome.into(),
+            refs,
+        }))
+    }
+
+    async fn delete_deal(
+        &self,
+        request: Request<DeleteDealRequest>,
+    ) -> Result<Response<DeleteDealResponse>, Status> {
+        let api = self.api()?;
+        let request = request.into_inner();
+        let Some(id) = request
+            .deal
+            .as_ref()
+            .and_then(|deal| linked(&deal.external_refs, RemoteKind::PipedriveDeal))
+        else {
+            // Never synced to Pipedrive: nothing to close.
+            return Ok(Response::new(DeleteDealResponse {
+                outcome: SyncOutcome::Unchanged.into(),
+                refs: Vec::new(),
+            }));
+        };
+        let reason = match request.reason.trim() {
+            "" => DELETED_REASON,
+            reason => reason,
+        };
+        let current: Value = match api.client().get(&format!("deals/{id}"), &[]).await {
+            Ok(current) => current,
+            Err(PipedriveError::NotFound { .. }) => {
+                return Ok(Response::new(DeleteDealResponse {
+                    outcome: SyncOutcome::Unchanged.into(),
+                    refs: vec![external_ref(RemoteKind::PipedriveDeal, id)],
+                }));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let outcome = if current.get("status") == Some(&json!("lost")) {
+            SyncOutcome::Unchanged
+        } else {
+            let patch = json!({"status": "lost", "lost_reason": reason});
+            let _: WireDeal = api
+                .client()
+                .send(Method::PATCH, &format!("deals/{id}"), &patch)
+                .await?;
+            SyncOutcome::Updated
+        };
+        Ok(Response::new(DeleteDealResponse {
+            outcome: outcome.into(),
+            refs: vec![external_ref(RemoteKind::PipedriveDeal, id)],
+        }))
+    }
+
+    async fn add_activity(
+        &self,
+        request: Request<AddActivityRequest>,
+    ) -> Result<Response<AddActivityResponse>, Status> {
+        let api = self.api()?;
+        let request = request.into_inner();
+        let activity = request
+            .activity
+            .ok_or_else(|| Status::invalid_argument("activity is required"))?;
+        let key = request.idempotency_key.trim();
+        if key.is_empty() {
+            return Err(Status::invalid_argument("idempotency_key is required"));
+        }
+        let deal_id = request
+            .deal
+            .as_ref()
+            .and_then(|deal| linked(&deal.external_refs, RemoteKind::PipedriveDeal));
+        let person_id = request
+            .contact
+            .as_ref()
+            .and_then(|lead| linked(&lead.external_refs, RemoteKind::PipedrivePerson));
+        let (scope, id) = match (deal_id, person_id) {
+            (Some(deal_id), _) => ("deal_id", deal_id),
+            (None, Some(person_id)) => ("person_id", person_id),
+            (None, None) => {
+                return Err(Status::failed_precondition(
+                    "the activity's deal and contact are not in Pipedrive yet; sync them first",
+                ));
+            }
+        };
+        let marker = format!("LeadRelay: {key}");
+        // A retry finds the activity it already added by the marker in its note.
+        let existing: Vec<WireActivity> = api
+            .client()
+            .list_all("activities", &[(scope, id.to_string())])
+            .await?;
+        if let Some(found) = existing.into_iter().find(|activity| {
+            activity
+                .note
+                .as_deref()
+                .is_some_and(|note| note.contains(&marker))
+        }) {
+            return Ok(Response::new(AddActivityResponse {
+                outcome: SyncOutcome::Unchanged.into(),
+                refs: vec![external_ref(RemoteKind::PipedriveActivity, found.id.0)],
+            }));
+        }
+        let kind = match activity.r#type.trim() {
+            "" => "task",
+            kind => kind,
+        };
+        api.check_activity_type(kind).await?;
+        let mut body = Map::new();
+        let subject = match activity.subject.trim() {
+            "" => "Hana conversation",
+            subject => subject,
+        };
+        body.insert("subject".to_owned(), json!(subject));
+        body.insert("type".to_owned(), json!(kind));
+        if let Some(deal_id) = deal_id {
+            body.insert("deal_id".to_owned(), json!(deal_id));
+        }
+        if let Some(person_id) = person_id {
+            body.insert(
+                "participants".to_owned(),
+                json!([{"person_id": person_id, "primary": true}]),
+            );
+        }
+        let note = if activity.note.trim().is_empty() {
+            format!("<p>{marker}</p>")
+        } else {
+            format!("{}<p>{marker}</p>", activity.note)
+        };
+        body.insert("note".to_owned(), json!(note));
+        if activity.done {
+            body.insert("done".to_owned(), json!(true));
+        }
+        let created: WireActivity = api.client().send(Method::POST, "activities", &body).await?;
+        Ok(Response::new(AddActivityResponse {
+            outcome: SyncOutcome::Created.into(),
+            refs: vec![external_ref(RemoteKind::PipedriveActivity, created.id.0)],
+        }))
+    }
+}
