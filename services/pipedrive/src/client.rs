@@ -192,6 +192,15 @@ impl PipedriveClient {
         self
     }
 
+    /// The same client, paced within `budget` and `search` for search calls.
+    #[must_use]
+    pub fn paced_with_search_limit(mut self, budget: RateLimit, search: RateLimit) -> Self {
+        self.pacer = Some(std::sync::Arc::new(Pacer::with_search_limit(
+            budget, search,
+        )));
+        self
+    }
+
     /// `GET /api/v2/{path}` → `data`.
     pub async fn get<T: DeserializeOwned>(
         &self,

@@ -204,13 +204,18 @@ impl Drop for Queued<'_> {
 }
 
 impl Pacer {
-    /// A pacer for `budget`, with the search limit on top; calls wait at most one window.
+    /// A pacer for `budget`, with Pipedrive's search limit on top; calls wait at most one window.
     pub fn new(budget: RateLimit) -> Self {
+        Self::with_search_limit(budget, SEARCH_LIMIT)
+    }
+
+    /// A pacer for `budget` and `search` (a benchmark scales both windows alike).
+    pub fn with_search_limit(budget: RateLimit, search: RateLimit) -> Self {
         Self {
             max_wait: budget.per,
             state: Mutex::new(State {
                 budget: Window::new(budget),
-                search: Window::new(SEARCH_LIMIT),
+                search: Window::new(search),
                 held_until: None,
                 daily_spent_until: None,
                 queued: 0,

@@ -144,6 +144,10 @@ async fn sync_person(
     contact: &Contact,
     changed_fields: Option<&[String]>,
 ) -> Result<(i64, SyncOutcome), Status> {
+    if let (Some(id), None) = (link, changed_fields) {
+        // Only the id is needed: the link is trusted, which saves a call per deal.
+        return Ok((id, SyncOutcome::Unchanged));
+    }
     let existing = match link {
         Some(id) => match api
             .client()
