@@ -4,6 +4,7 @@
 mod auth;
 mod error;
 pub mod hana_body;
+mod pipedrive_body;
 mod webhooks;
 
 use std::{sync::Arc, time::Duration};

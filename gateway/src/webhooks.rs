@@ -10,8 +10,7 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
 };
 use leadrelay_proto::v1::{
-    HanaEventKind, IngestHanaEventRequest, IngestPipedriveEventRequest, PipedriveEventOrigin,
-    UnparsedBody, ingest_hana_event_request::Body,
+    HanaEventKind, IngestHanaEventRequest, UnparsedBody, ingest_hana_event_request::Body,
 };
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +19,7 @@ use crate::{
     auth::{TOKEN_HEADER, secret_matches},
     error::GatewayError,
     hana_body::parse_hana_body,
+    pipedrive_body::parse_pipedrive_body,
 };
 
 /// `?token=` on Hana webhook URLs.
@@ -154,11 +154,7 @@ pub(crate) async fn pipedrive(
     }
     let raw_body = read_body(body)?;
 
-    let mut request = tonic::Request::new(IngestPipedriveEventRequest {
-        origin: PipedriveEventOrigin::Webhook.into(),
-        raw_body: raw_body.to_vec(),
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(parse_pipedrive_body(&raw_body));
     request.set_timeout(INGEST_DEADLINE);
     let answer = state
         .orchestrator

@@ -5,5 +5,6 @@ mod cli;
 mod crash;
 mod hana_ingest;
 mod pipedrive;
+mod pipedrive_ingest;
 mod support;
 mod up;

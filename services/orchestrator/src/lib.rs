@@ -4,6 +4,7 @@
 mod entity;
 pub mod ingest;
 pub mod mapping;
+pub mod pipedrive_events;
 pub mod queries;
 pub mod routes;
 pub mod service;

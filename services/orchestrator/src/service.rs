@@ -122,7 +122,20 @@ impl OrchestratorService for Orchestrator {
         &self,
         request: Request<IngestPipedriveEventRequest>,
     ) -> Result<Response<IngestPipedriveEventResponse>, Status> {
-        Err(not_implemented(&request))
+        let request = request.into_inner();
+        let trace_context = current_traceparent();
+        let outcome = crate::pipedrive_events::ingest_pipedrive(
+            &self.store,
+            &request,
+            trace_context.as_deref(),
+        )
+        .await?;
+        tracing::debug!(event_id = %outcome.event_id, duplicate = outcome.duplicate, quarantined = outcome.quarantined, "pipedrive event stored");
+        Ok(Response::new(IngestPipedriveEventResponse {
+            event_id: outcome.event_id,
+            duplicate: outcome.duplicate,
+            quarantined: outcome.quarantined,
+        }))
     }
 
     async fn get_lead(
