@@ -169,6 +169,7 @@ async fn start_leadrelay(
     tokio::spawn(leadrelay_orchestrator::serve(
         store,
         IngestPolicy::default(),
+        None,
         orchestrator,
         shutdown.clone(),
     ));

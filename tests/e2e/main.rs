@@ -6,5 +6,6 @@ mod crash;
 mod hana_ingest;
 mod pipedrive;
 mod pipedrive_ingest;
+mod pipedrive_poll;
 mod support;
 mod up;

@@ -65,7 +65,7 @@ async fn a_webhook_delivered_twice_is_stored_once(backend: Backend) -> TestResul
         .events;
     let pipedrive: Vec<_> = events
         .iter()
-        .filter(|event| event.kind == "change.deal")
+        .filter(|event| event.kind == "deal.change")
         .collect();
     assert_eq!(pipedrive.len(), 2, "{events:?}");
     let stored = harness
@@ -77,7 +77,7 @@ async fn a_webhook_delivered_twice_is_stored_once(backend: Backend) -> TestResul
         .into_inner()
         .event
         .ok_or("the event is stored")?;
-    assert_eq!(stored.kind, "change.deal");
+    assert_eq!(stored.kind, "deal.change");
 
     // Authenticated but unusable: answered 2xx and kept with the reason.
     let (status, kept) = post(&harness, "{not json").await?;

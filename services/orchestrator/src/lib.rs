@@ -5,6 +5,7 @@ mod entity;
 pub mod ingest;
 pub mod mapping;
 pub mod pipedrive_events;
+pub mod poller;
 pub mod queries;
 pub mod routes;
 pub mod service;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use ingest::IngestPolicy;
+pub use poller::{PipedrivePoller, PollerSettings};
 pub use service::Orchestrator;
 pub use store::{Store, StoreError};
 
@@ -29,6 +31,9 @@ pub enum OrchestratorError {
     /// The gRPC server failed.
     #[error(transparent)]
     Grpc(#[from] leadrelay_runtime::grpc::GrpcServerError),
+    /// The Pipedrive poller could not be set up.
+    #[error(transparent)]
+    Poller(#[from] poller::PollError),
 }
 
 /// Opens and migrates the store named by the settings.
@@ -45,14 +50,37 @@ pub fn ingest_policy(settings: &Settings) -> IngestPolicy {
     }
 }
 
-/// Serves the orchestrator on `listener` with an opened store until `shutdown` is cancelled.
+/// The Pipedrive trigger poller's settings; `None` while Pipedrive is not configured.
+pub fn pipedrive_poller(settings: &Settings) -> Option<PollerSettings> {
+    settings
+        .pipedrive_missing()
+        .is_empty()
+        .then(|| PollerSettings {
+            adapter_url: settings.peers.pipedrive_adapter.clone(),
+            interval: settings.pipedrive.poll_interval,
+        })
+}
+
+/// Serves the orchestrator on `listener` with an opened store until `shutdown` is cancelled,
+/// polling Pipedrive when `poller` is set.
 pub async fn serve(
     store: Store,
     policy: IngestPolicy,
+    poller: Option<PollerSettings>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), OrchestratorError> {
-    let orchestrator = Orchestrator::new(store.clone(), policy)?;
+    let poller = poller
+        .map(|settings| {
+            PipedrivePoller::new(store.clone(), &settings.adapter_url)
+                .map(|poller| (poller, settings.interval))
+        })
+        .transpose()?;
+    let orchestrator = Orchestrator::new(store.clone(), policy)?
+        .with_pipedrive_poller(poller.as_ref().map(|(poller, _)| poller.clone()));
+    if let Some((poller, interval)) = poller {
+        tokio::spawn(poller.run(interval, shutdown.clone()));
+    }
     let routes = Routes::new(OrchestratorServiceServer::new(orchestrator));
     let result = GrpcServer::new("orchestrator", routes, &[service_names::ORCHESTRATOR])
         .serve(listener, shutdown)

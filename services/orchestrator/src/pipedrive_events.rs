@@ -65,15 +65,68 @@ fn stored_body(request: &IngestPipedriveEventRequest) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// Stores one change; returns once it is committed.
+/// A poller's position, advanced in the transaction that stores the change it covers, so that a
+/// poller stopped at any point resumes exactly after the last change it stored.
+#[derive(Clone, Copy, Debug)]
+pub struct Watermark<'a> {
+    /// The system polled, e.g. "pipedrive".
+    pub system: &'a str,
+    /// The stream polled, e.g. "deals".
+    pub stream: &'a str,
+    /// The position after this change.
+    pub value: &'a str,
+}
+
+/// A poller's stored position, if it has one.
+pub async fn watermark(
+    store: &Store,
+    system: &str,
+    stream: &str,
+) -> Result<Option<String>, StoreError> {
+    let row =
+        sqlx::query("SELECT watermark FROM poll_watermarks WHERE system = $1 AND stream = $2")
+            .bind(system)
+            .bind(stream)
+            .fetch_optional(store.pool())
+            .await?;
+    Ok(row.map(|row| row.try_get(0)).transpose()?)
+}
+
+/// Sets a poller's position without an event (its first position).
+pub async fn set_watermark(store: &Store, watermark: Watermark<'_>) -> Result<(), StoreError> {
+    let mut connection = store.pool().acquire().await?;
+    save_watermark(&mut connection, watermark).await?;
+    Ok(())
+}
+
+async fn save_watermark(
+    connection: &mut sqlx::AnyConnection,
+    watermark: Watermark<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO poll_watermarks (system, stream, watermark, updated_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (system, stream) DO UPDATE SET watermark = excluded.watermark, updated_at = excluded.updated_at",
+    )
+    .bind(watermark.system)
+    .bind(watermark.stream)
+    .bind(watermark.value)
+    .bind(now_ms())
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Stores one change; returns once it is committed. With a `watermark`, the poller's position
+/// moves in the same transaction.
 pub async fn ingest_pipedrive(
     store: &Store,
     request: &IngestPipedriveEventRequest,
     trace_context: Option<&str>,
+    watermark: Option<Watermark<'_>>,
 ) -> Result<IngestOutcome, IngestError> {
     // When LeadRelay received it; Pipedrive's own time stays in the body.
     let received_at = now_ms();
-    let kind = format!("{}.{}", request.action.trim(), request.entity.trim());
+    let kind = format!("{}.{}", request.entity.trim(), request.action.trim());
     let body = stored_body(request);
     let mut transaction = store.pool().begin().await?;
     if let Some(reason) = unusable(request) {
@@ -89,6 +142,9 @@ pub async fn ingest_pipedrive(
         .bind(received_at)
         .execute(&mut *transaction)
         .await?;
+        if let Some(watermark) = watermark {
+            save_watermark(&mut transaction, watermark).await?;
+        }
         transaction.commit().await?;
         tracing::info!(quarantine_id = %id, reason, "pipedrive change kept in quarantine");
         return Ok(IngestOutcome {
@@ -137,6 +193,9 @@ pub async fn ingest_pipedrive(
             quarantined: false,
         }
     };
+    if let Some(watermark) = watermark {
+        save_watermark(&mut transaction, watermark).await?;
+    }
     transaction.commit().await?;
     Ok(outcome)
 }

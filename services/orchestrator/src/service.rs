@@ -24,18 +24,45 @@ use crate::{
 pub struct Orchestrator {
     store: Store,
     ingester: Ingester,
+    pipedrive_poller: Option<crate::poller::PipedrivePoller>,
 }
 
 impl Orchestrator {
     /// An orchestrator over an opened, migrated store; starts its ingest writer.
     pub fn new(store: Store, policy: IngestPolicy) -> Result<Self, StoreError> {
         let ingester = Ingester::start(store.clone(), policy)?;
-        Ok(Self { store, ingester })
+        Ok(Self {
+            store,
+            ingester,
+            pipedrive_poller: None,
+        })
+    }
+
+    /// The orchestrator with `poller` for TriggerPoll of Pipedrive.
+    #[must_use]
+    pub fn with_pipedrive_poller(mut self, poller: Option<crate::poller::PipedrivePoller>) -> Self {
+        self.pipedrive_poller = poller;
+        self
     }
 
     /// The store this orchestrator owns.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+/// A failed poll as a status: the adapter's own status passes through (RESOURCE_EXHAUSTED keeps
+/// its retry hint), prefixed so the caller knows it came from the poll.
+fn poll_status(error: crate::poller::PollError) -> Status {
+    match error {
+        crate::poller::PollError::Adapter(status) => Status::with_details(
+            status.code(),
+            format!("the Pipedrive poll failed: {}", status.message()),
+            status.details().to_vec().into(),
+        ),
+        crate::poller::PollError::Store(error) => store_status(&error),
+        crate::poller::PollError::Ingest(error) => error.into(),
+        other => Status::internal(other.to_string()),
     }
 }
 
@@ -128,6 +155,7 @@ impl OrchestratorService for Orchestrator {
             &self.store,
             &request,
             trace_context.as_deref(),
+            None,
         )
         .await?;
         tracing::debug!(event_id = %outcome.event_id, duplicate = outcome.duplicate, quarantined = outcome.quarantined, "pipedrive event stored");
@@ -260,7 +288,24 @@ impl OrchestratorService for Orchestrator {
         &self,
         request: Request<TriggerPollRequest>,
     ) -> Result<Response<TriggerPollResponse>, Status> {
-        Err(not_implemented(&request))
+        match request.get_ref().system() {
+            System::Pipedrive => {
+                let poller = self.pipedrive_poller.as_ref().ok_or_else(|| {
+                    Status::failed_precondition(
+                        "Pipedrive is not configured: set LEADRELAY_PIPEDRIVE_API_TOKEN",
+                    )
+                })?;
+                let events_stored = poller.poll_once().await.map_err(poll_status)?;
+                Ok(Response::new(TriggerPollResponse {
+                    events_stored,
+                    polled_at: Some(timestamp(now_ms())),
+                }))
+            }
+            System::Salesman => Err(not_implemented(&request)),
+            System::Hana | System::Unspecified => Err(Status::invalid_argument(
+                "`system` must be SYSTEM_PIPEDRIVE or SYSTEM_SALESMAN: only CRMs are polled",
+            )),
+        }
     }
 }
 

@@ -9,22 +9,30 @@ use leadrelay_testkit::TestDatabase;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-const TABLES: [&str; 6] = ["deals", "events", "jobs", "leads", "links", "quarantine"];
+const TABLES: [&str; 7] = [
+    "deals",
+    "events",
+    "jobs",
+    "leads",
+    "links",
+    "poll_watermarks",
+    "quarantine",
+];
 
 /// The first migration applies the schema; the second finds nothing to do.
 async fn migrates_once(store: &Store) -> TestResult {
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
-            applied: 1,
-            version: 1
+            applied: 2,
+            version: 2
         }
     );
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
             applied: 0,
-            version: 1
+            version: 2
         }
     );
     Ok(())

@@ -1,0 +1,271 @@
+//! The Pipedrive trigger poller: new deals and new activities, every
+//! `LEADRELAY_PIPEDRIVE_POLL_INTERVAL`, fetched through the Pipedrive adapter (so within its
+//! budget) and stored as Pipedrive events.
+//!
+//! Each stream keeps its watermark (the highest id stored) in the store, and each new record is
+//! stored in the transaction that moves the watermark past it: a poller stopped at any point,
+//! even killed, resumes after the last record it stored, missing nothing and repeating nothing.
+//! On its first run a stream starts at the newest record without storing the ones before:
+//! they are not new.
+
+use std::time::Duration;
+
+use leadrelay_proto::{
+    json::to_proto_struct,
+    pipedrive::v1::{
+        Activity, Deal, ListNewActivitiesRequest, ListNewDealsRequest,
+        pipedrive_adapter_service_client::PipedriveAdapterServiceClient,
+    },
+    v1::{IngestPipedriveEventRequest, PipedriveEventOrigin},
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{
+    ingest::IngestError,
+    pipedrive_events::{Watermark, ingest_pipedrive, set_watermark, watermark},
+    store::{Store, StoreError},
+};
+
+/// Records asked for per call.
+const PAGE: u32 = 100;
+
+const SYSTEM: &str = "pipedrive";
+
+/// A poll failed; the next one starts where this one stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// The Pipedrive adapter failed or refused (e.g. the budget is spent).
+    #[error("the Pipedrive adapter failed: {0}")]
+    Adapter(#[from] tonic::Status),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Storing an event failed.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// The adapter URL is not a valid gRPC endpoint.
+    #[error("the Pipedrive adapter URL {0} is not usable")]
+    AdapterUrl(String),
+    /// A stored watermark is not an id.
+    #[error("the stored {0} watermark '{1}' is not an id")]
+    Watermark(&'static str, String),
+}
+
+/// Where the poller finds Pipedrive and how often it looks.
+#[derive(Clone, Debug)]
+pub struct PollerSettings {
+    /// The Pipedrive adapter's gRPC URL.
+    pub adapter_url: url::Url,
+    /// The polling interval.
+    pub interval: Duration,
+}
+
+/// One new record, as an event.
+struct Polled {
+    id: i64,
+    request: IngestPipedriveEventRequest,
+}
+
+fn rfc3339(at: Option<&prost_types::Timestamp>) -> String {
+    at.and_then(|at| {
+        chrono::DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).unwrap_or(0))
+    })
+    .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    .unwrap_or_default()
+}
+
+fn event(entity: &str, id: i64, changed_at: &str, data: Value) -> IngestPipedriveEventRequest {
+    IngestPipedriveEventRequest {
+        origin: PipedriveEventOrigin::Poll.into(),
+        event_key: format!("{entity}:{id}:{changed_at}"),
+        entity: entity.to_owned(),
+        action: "create".to_owned(),
+        entity_id: id.to_string(),
+        data: match data {
+            Value::Object(fields) => Some(to_proto_struct(fields)),
+            _ => None,
+        },
+        ..Default::default()
+    }
+}
+
+fn deal_event(deal: &Deal) -> Polled {
+    let changed_at = rfc3339(deal.update_time.as_ref().or(deal.add_time.as_ref()));
+    let data = json!({
+        "id": deal.id, "title": deal.title, "status": deal.status().as_str_name(),
+        "person_id": deal.person_id, "pipeline_id": deal.pipeline_id, "stage_id": deal.stage_id,
+        "value": deal.value, "currency": deal.currency, "update_time": changed_at,
+    });
+    Polled {
+        id: deal.id,
+        request: event("deal", deal.id, &changed_at, data),
+    }
+}
+
+fn activity_event(activity: &Activity) -> Polled {
+    let changed_at = rfc3339(activity.update_time.as_ref().or(activity.add_time.as_ref()));
+    let data = json!({
+        "id": activity.id, "subject": activity.subject, "type": activity.r#type,
+        "deal_id": activity.deal_id, "person_id": activity.person_id, "done": activity.done,
+        "due_date": activity.due_date, "note": activity.note, "update_time": changed_at,
+    });
+    Polled {
+        id: activity.id,
+        request: event("activity", activity.id, &changed_at, data),
+    }
+}
+
+/// The streams the poller follows.
+#[derive(Clone, Copy, Debug)]
+enum Stream {
+    Deals,
+    Activities,
+}
+
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Deals => "deals",
+            Self::Activities => "activities",
+        }
+    }
+}
+
+/// Polls Pipedrive through its adapter.
+#[derive(Clone, Debug)]
+pub struct PipedrivePoller {
+    store: Store,
+    adapter: PipedriveAdapterServiceClient<Channel>,
+    /// One poll at a time (the timer's and TriggerPoll's), so a watermark only moves forward.
+    running: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl PipedrivePoller {
+    /// A poller over `store`, reaching the adapter at `adapter_url` (connected on first use).
+    pub fn new(store: Store, adapter_url: &url::Url) -> Result<Self, PollError> {
+        let channel = Channel::from_shared(adapter_url.to_string())
+            .map_err(|error| PollError::AdapterUrl(format!("{adapter_url}: {error}")))?
+            .connect_lazy();
+        Ok(Self {
+            store,
+            adapter: PipedriveAdapterServiceClient::new(channel),
+            running: std::sync::Arc::default(),
+        })
+    }
+
+    /// Polls every stream once; returns how many new records were stored.
+    pub async fn poll_once(&self) -> Result<u32, PollError> {
+        let _running = self.running.lock().await;
+        let mut stored = 0;
+        for stream in [Stream::Deals, Stream::Activities] {
+            stored += self.poll_stream(stream).await?;
+        }
+        Ok(stored)
+    }
+
+    async fn fetch(&self, stream: Stream, after_id: i64) -> Result<(Vec<Polled>, i64), PollError> {
+        let mut adapter = self.adapter.clone();
+        Ok(match stream {
+            Stream::Deals => {
+                let answer = adapter
+                    .list_new_deals(ListNewDealsRequest {
+                        after_id,
+                        limit: PAGE,
+                    })
+                    .await?
+                    .into_inner();
+                (
+                    answer.deals.iter().map(deal_event).collect(),
+                    answer.next_after_id,
+                )
+            }
+            Stream::Activities => {
+                let answer = adapter
+                    .list_new_activities(ListNewActivitiesRequest {
+                        after_id,
+                        limit: PAGE,
+                    })
+                    .await?
+                    .into_inner();
+                (
+                    answer.activities.iter().map(activity_event).collect(),
+                    answer.next_after_id,
+                )
+            }
+        })
+    }
+
+    async fn poll_stream(&self, stream: Stream) -> Result<u32, PollError> {
+        let name = stream.name();
+        let Some(stored_at) = watermark(&self.store, SYSTEM, name).await? else {
+            // First run: start at the newest record.
+            let (_, newest) = self.fetch(stream, 0).await?;
+            let value = newest.to_string();
+            set_watermark(
+                &self.store,
+                Watermark {
+                    system: SYSTEM,
+                    stream: name,
+                    value: &value,
+                },
+            )
+            .await?;
+            tracing::info!(
+                stream = name,
+                watermark = newest,
+                "pipedrive poller started its watermark"
+            );
+            return Ok(0);
+        };
+        let mut after_id: i64 = stored_at
+            .parse()
+            .map_err(|_| PollError::Watermark(name, stored_at.clone()))?;
+        let mut stored = 0;
+        loop {
+            let (records, _) = self.fetch(stream, after_id).await?;
+            let full_page = records.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
+            for record in records {
+                let value = record.id.to_string();
+                let outcome = ingest_pipedrive(
+                    &self.store,
+                    &record.request,
+                    None,
+                    Some(Watermark {
+                        system: SYSTEM,
+                        stream: name,
+                        value: &value,
+                    }),
+                )
+                .await?;
+                after_id = after_id.max(record.id);
+                if !outcome.duplicate {
+                    stored += 1;
+                }
+            }
+            if !full_page {
+                return Ok(stored);
+            }
+        }
+    }
+
+    /// Polls every `interval` until `shutdown`; a failed poll is logged and retried next time.
+    pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match self.poll_once().await {
+                Ok(0) => {}
+                Ok(stored) => tracing::info!(stored, "pipedrive poll stored new records"),
+                Err(error) => {
+                    tracing::warn!(%error, "pipedrive poll failed; the next one resumes where it stopped")
+                }
+            }
+        }
+    }
+}
