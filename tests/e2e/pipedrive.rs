@@ -115,6 +115,9 @@ fn start_up(folder: &Path, fake: &MockServer, log_level: &str) -> Result<Up, Err
             ("LEADRELAY_PIPEDRIVE_API_TOKEN", TOKEN),
             ("LEADRELAY_PIPEDRIVE_WEBHOOK_USER", "pipedrive-hook"),
             ("LEADRELAY_PIPEDRIVE_WEBHOOK_PASSWORD", WEBHOOK_PASSWORD),
+            ("LEADRELAY_PIPEDRIVE_TIMEOUT", "1s"),
+            // Polling is not what these tests are about.
+            ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
             ("RUST_LOG", log_level),
         ],
     )
@@ -303,6 +306,14 @@ async fn every_documented_failure_maps_to_a_code_with_pipedrive_s_message_and_no
     )
     .mount(&fake)
     .await;
+    failing(
+        408,
+        ResponseTemplate::new(200)
+            .set_delay(Duration::from_secs(3))
+            .set_body_json(ok(deal(408))),
+    )
+    .mount(&fake)
+    .await;
     mount(&fake, "GET", "/api/v2/deals/5", ok(deal(5))).await;
 
     let folder = tempfile::tempdir()?;
@@ -314,6 +325,7 @@ async fn every_documented_failure_maps_to_a_code_with_pipedrive_s_message_and_no
         (404, Code::NotFound, "Deal not found"),
         (400, Code::InvalidArgument, "ERR_SCHEMA_VALIDATION_FAILED"),
         (500, Code::Unavailable, "Internal server error"),
+        (408, Code::DeadlineExceeded, "did not answer within 1s"),
         (4291, Code::ResourceExhausted, "retry in 1000 ms"),
         (4292, Code::ResourceExhausted, "retry in 2000 ms"),
     ];

@@ -31,7 +31,7 @@ use serde_json::{Map, Value, json};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    client::{DEFAULT_TIMEOUT, MAX_PAGE, PipedriveClient, PipedriveError},
+    client::{MAX_PAGE, PipedriveClient, PipedriveError},
     wire::{
         self, PersonSearch, WireActivity, WireActivityType, WireDeal, WirePerson, WireStage,
         WireWebhook,
@@ -56,7 +56,7 @@ impl PipedriveApi {
         let Some(token) = pipedrive.api_token.clone() else {
             return Ok(None);
         };
-        let client = PipedriveClient::new(&pipedrive.api_url, token, DEFAULT_TIMEOUT)?
+        let client = PipedriveClient::new(&pipedrive.api_url, token, pipedrive.timeout)?
             .paced(pipedrive.rate_limit);
         Ok(Some(Self::new(
             client,

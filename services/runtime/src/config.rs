@@ -290,6 +290,8 @@ pub struct PipedriveSettings {
     pub rate_limit: RateLimit,
     /// Trigger polling interval.
     pub poll_interval: Duration,
+    /// How long one Pipedrive call may take.
+    pub timeout: Duration,
 }
 
 /// SalesMan settings.
@@ -419,6 +421,7 @@ const KEYS: &[Key] = &[
         Some("pipedrive"),
         "poll_interval",
     ),
+    key("LEADRELAY_PIPEDRIVE_TIMEOUT", Some("pipedrive"), "timeout"),
     key("LEADRELAY_SALESMAN_API_URL", Some("salesman"), "api_url"),
     key("LEADRELAY_SALESMAN_LOGIN", Some("salesman"), "login"),
     key("LEADRELAY_SALESMAN_API_KEY", Some("salesman"), "api_key"),
@@ -594,6 +597,7 @@ impl Settings {
                     "120s",
                     parse_duration,
                 )?,
+                timeout: raw.take_or("LEADRELAY_PIPEDRIVE_TIMEOUT", "15s", parse_duration)?,
             },
             salesman: SalesmanSettings {
                 api_url: raw.take("LEADRELAY_SALESMAN_API_URL", parse_http_url)?,
@@ -798,6 +802,7 @@ mod tests {
             }
         );
         assert_eq!(settings.pipedrive.poll_interval, Duration::from_secs(120));
+        assert_eq!(settings.pipedrive.timeout, Duration::from_secs(15));
         assert_eq!(settings.telemetry.log_format, LogFormat::Text);
         assert_eq!(
             settings.pipedrive_missing(),
