@@ -607,10 +607,27 @@ impl CrmSyncService for PipedriveSync {
                 json!([{"person_id": person_id, "primary": true}]),
             );
         }
-        let note = if activity.note.trim().is_empty() {
-            format!("<p>{marker}</p>")
-        } else {
-            format!("{}<p>{marker}</p>", activity.note)
+        // The Hana conversation link is the point of the activity when the caller gave no note.
+        let conversation = request
+            .deal
+            .as_ref()
+            .map(|deal| deal.conversation_url.trim())
+            .filter(|url| !url.is_empty())
+            .or_else(|| {
+                request
+                    .contact
+                    .as_ref()
+                    .map(|lead| lead.conversation_url.trim())
+                    .filter(|url| !url.is_empty())
+            });
+        let note = match (activity.note.trim(), conversation) {
+            ("", Some(url)) => format!(
+                "<p>Hana conversation: <a href=\"{}\">{}</a></p><p>{marker}</p>",
+                html_escape(url),
+                html_escape(url)
+            ),
+            ("", None) => format!("<p>{marker}</p>"),
+            (note, _) => format!("{note}<p>{marker}</p>"),
         };
         body.insert("note".to_owned(), json!(note));
         if activity.done {
@@ -622,4 +639,20 @@ impl CrmSyncService for PipedriveSync {
             refs: vec![external_ref(RemoteKind::PipedriveActivity, created.id.0)],
         }))
     }
+}
+
+/// Text safe inside HTML, attribute values included.
+fn html_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        match character {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
 }

@@ -318,6 +318,15 @@ async fn the_conversation_link_is_added_once_whatever_the_retries() {
         contact: Some(seed_lead(vec![link(RemoteKind::PipedrivePerson, 7)])),
         idempotency_key: "job_9".to_owned(),
     };
+    // Without a note, the deal's conversation link is the note.
+    let mut from_the_deal = request.clone();
+    from_the_deal.idempotency_key = "job_10".to_owned();
+    if let Some(activity) = from_the_deal.activity.as_mut() {
+        activity.note.clear();
+    }
+    if let Some(deal) = from_the_deal.deal.as_mut() {
+        deal.conversation_url = "https://bot.hana.ai/c/2?a=1&b=2".to_owned();
+    }
     let first = sync
         .add_activity(request.clone())
         .await
@@ -333,6 +342,16 @@ async fn the_conversation_link_is_added_once_whatever_the_retries() {
     assert_eq!(retry.refs, vec![link(RemoteKind::PipedriveActivity, 11)]);
     let posted = bodies(&fake, "POST", "/api/v2/activities").await;
     assert_eq!(posted.len(), 1, "added once");
+    sync.add_activity(from_the_deal)
+        .await
+        .expect("AddActivity with the conversation link");
+    let with_link = bodies(&fake, "POST", "/api/v2/activities").await;
+    assert_eq!(
+        with_link.last().map(|body| body["note"].clone()),
+        Some(json!(
+            "<p>Hana conversation: <a href=\"https://bot.hana.ai/c/2?a=1&amp;b=2\">https://bot.hana.ai/c/2?a=1&amp;b=2</a></p><p>LeadRelay: job_10</p>"
+        ))
+    );
     assert_eq!(
         posted[0]["participants"],
         json!([{"person_id": 7, "primary": true}])
