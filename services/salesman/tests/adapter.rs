@@ -3,85 +3,30 @@
 //! errors at HTTP 200 (some without a `result` key), strings for every value, Cyrillic text, and
 //! "not found" for an empty page.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::collections::HashMap;
 
 use leadrelay_proto::salesman::v1::{
     AddLeadRequest, GetLeadRequest, GetLeadStatsRequest, LeadResult, LeadStatus, ListLeadsRequest,
     sales_man_adapter_service_client::SalesManAdapterServiceClient,
 };
 use leadrelay_runtime::Settings;
+use leadrelay_testkit::salesman::{self, Seen, v1};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers::method};
+use wiremock::{MockServer, ResponseTemplate};
 
 const LOGIN: &str = "vladislav@isaler.ru";
 const API_KEY: &str = "aMgiCQyj8bCToNc47BZZYrRICoWSIl";
-
-/// Every request's form fields, as SalesMan's PHP would read them.
-type Seen = Arc<Mutex<Vec<HashMap<String, String>>>>;
-
-/// A SalesMan answering each `action` with what `answer` returns for the request's fields.
-struct SalesMan<F> {
-    seen: Seen,
-    answer: F,
-}
-
-impl<F> Respond for SalesMan<F>
-where
-    F: Fn(&HashMap<String, String>) -> ResponseTemplate + Send + Sync + 'static,
-{
-    fn respond(&self, request: &Request) -> ResponseTemplate {
-        let fields: HashMap<String, String> = url::form_urlencoded::parse(&request.body)
-            .into_owned()
-            .collect();
-        // The credentials travel in the body, never in the URL.
-        assert!(
-            request.url.query().is_none(),
-            "no query string: {}",
-            request.url
-        );
-        assert_eq!(request.url.path(), "/developer/v1/leads");
-        self.seen.lock().expect("seen").push(fields.clone());
-        if fields.get("login").map(String::as_str) != Some(LOGIN) {
-            return ResponseTemplate::new(200).set_body_json(
-                json!({"result":"Error","error":{"code":"401","text":"Неизвестный пользователь"}}),
-            );
-        }
-        if fields.get("apikey").map(String::as_str) != Some(API_KEY) {
-            return ResponseTemplate::new(200).set_body_json(
-                json!({"result":"Error","error":{"code":"400","text":"Не верный API key"}}),
-            );
-        }
-        (self.answer)(&fields)
-    }
-}
-
-/// SalesMan's v1 body: Cyrillic unescaped, `/` escaped, served as text/html.
-fn v1(body: &Value) -> ResponseTemplate {
-    ResponseTemplate::new(200)
-        .insert_header("content-type", "text/html; charset=utf-8")
-        .set_body_string(body.to_string().replace('/', "\\/"))
-}
 
 async fn fake<F>(answer: F) -> (MockServer, Seen)
 where
     F: Fn(&HashMap<String, String>) -> ResponseTemplate + Send + Sync + 'static,
 {
     let server = MockServer::start().await;
-    let seen = Seen::default();
-    Mock::given(method("POST"))
-        .respond_with(SalesMan {
-            seen: seen.clone(),
-            answer,
-        })
-        .mount(&server)
-        .await;
+    let seen = salesman::mount(&server, LOGIN, API_KEY, answer).await;
     (server, seen)
 }
 

@@ -3,6 +3,7 @@
 
 pub mod openapi;
 pub mod pipedrive;
+pub mod salesman;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
