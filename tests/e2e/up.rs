@@ -292,18 +292,17 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
     let up = Up::start(
         folder.path(),
         &[
-            ("LEADRELAY_SALESMAN_API_URL", "http://127.0.0.1:9/"),
-            ("LEADRELAY_SALESMAN_LOGIN", "manager@example.com"),
-            ("LEADRELAY_SALESMAN_API_KEY", "sm-test-key"),
+            ("LEADRELAY_HANA_API_URL", "http://127.0.0.1:9/update"),
+            ("LEADRELAY_HANA_ACCESS_TOKEN", "hana-test-token"),
         ],
     )?;
 
-    let mut salesman = CrmSyncServiceClient::new(up.channel("salesman-adapter").await?);
-    let status = salesman
+    let mut hana = CrmSyncServiceClient::new(up.channel("hana-adapter").await?);
+    let status = hana
         .upsert_lead(UpsertLeadRequest::default())
         .await
         .err()
-        .ok_or("SalesMan's CrmSync is not built yet and must not fake success")?;
+        .ok_or("Hana's CrmSync is not built yet and must not fake success")?;
     assert_eq!(status.code(), Code::Unimplemented);
     assert_eq!(
         status.message(),
@@ -322,7 +321,7 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
             .message()
             .starts_with("leadrelay.v1.OrchestratorService/ListJobs")
     );
-    assert!(!up.logs().contains("sm-test-key"));
+    assert!(!up.logs().contains("hana-test-token"));
     Ok(())
 }
 

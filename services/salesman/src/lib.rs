@@ -2,6 +2,7 @@
 //! and the canonical `leadrelay.v1.CrmSyncService`.
 
 pub mod client;
+pub mod sync;
 
 use std::{collections::HashSet, pin::Pin, sync::Arc};
 
@@ -12,11 +13,11 @@ use leadrelay_proto::{
         sales_man_adapter_service_server::{SalesManAdapterService, SalesManAdapterServiceServer},
     },
     service_names,
-    v1::{System, crm_sync_service_server::CrmSyncServiceServer},
+    v1::crm_sync_service_server::CrmSyncServiceServer,
 };
 use leadrelay_runtime::{
     Settings,
-    adapter::{Credentials, PendingCrmSync},
+    adapter::Credentials,
     grpc::{GrpcServer, GrpcServerError},
 };
 use tokio::net::TcpListener;
@@ -62,7 +63,7 @@ impl SalesManAdapter {
 
     /// The adapter's gRPC routes: its native service and `CrmSyncService`.
     pub fn routes(self) -> Routes {
-        let sync = PendingCrmSync::new(System::Salesman, self.credentials.clone());
+        let sync = sync::SalesManSync::new(self.credentials.clone(), self.client.clone());
         Routes::new(SalesManAdapterServiceServer::new(self))
             .add_service(CrmSyncServiceServer::new(sync))
     }

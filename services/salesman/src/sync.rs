@@ -1,0 +1,267 @@
+//! `CrmSyncService` for SalesMan: a lead becomes a SalesMan lead ("заявка") once.
+//!
+//! The leads API v1 can add a lead and read it, nothing more: an update or a delete of a lead
+//! already in SalesMan is answered `NOT_SUPPORTED` (with the link, so the orchestrator keeps or
+//! closes it), never faked. Deals and activities are not SalesMan leads' business either.
+//!
+//! Once only: a lead already linked is not added again, and a lead added before a crash cut the
+//! link's commit is found by LeadRelay's marker in its description among the newest leads.
+//! Descriptions are compared as SalesMan stores them: it strips tags, quotes and « ».
+
+use std::sync::Arc;
+
+use leadrelay_proto::{
+    salesman::v1::AddLeadRequest,
+    v1::{
+        AddActivityRequest, AddActivityResponse, DeleteDealRequest, DeleteDealResponse,
+        DeleteLeadRequest, DeleteLeadResponse, ExternalRef, GetCapabilitiesRequest,
+        GetCapabilitiesResponse, Lead, RemoteKind, SyncOutcome, System, UpsertDealRequest,
+        UpsertDealResponse, UpsertLeadRequest, UpsertLeadResponse,
+        crm_sync_service_server::CrmSyncService,
+    },
+};
+use leadrelay_runtime::adapter::Credentials;
+use tonic::{Request, Response, Status};
+
+use crate::client::{Direction, ListFilter, SalesManClient};
+
+/// Text as SalesMan keeps a lead field: tags stripped, and `" ' \ ` « » < >` removed (its
+/// `untag()`), whitespace trimmed.
+pub fn normalize(text: &str) -> String {
+    let mut without_tags = String::with_capacity(text.len());
+    let mut in_tag = false;
+    for character in text.chars() {
+        match character {
+            '<' => in_tag = true,
+            '>' if in_tag => in_tag = false,
+            _ if in_tag => {}
+            other => without_tags.push(other),
+        }
+    }
+    without_tags
+        .chars()
+        .filter(|character| !matches!(character, '"' | '\'' | '\\' | '`' | '«' | '»' | '<' | '>'))
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+/// The marker LeadRelay leaves in a lead's description, found again on a retry.
+fn marker(lead_id: &str) -> String {
+    format!("LeadRelay {lead_id}")
+}
+
+/// SalesMan's canonical face.
+#[derive(Clone, Debug)]
+pub struct SalesManSync {
+    credentials: Credentials,
+    client: Option<Arc<SalesManClient>>,
+}
+
+impl SalesManSync {
+    /// The sync over `client`; without it every call but GetCapabilities answers
+    /// FAILED_PRECONDITION naming what `credentials` lacks.
+    pub fn new(credentials: Credentials, client: Option<Arc<SalesManClient>>) -> Self {
+        Self {
+            credentials,
+            client,
+        }
+    }
+
+    fn client(&self) -> Result<&SalesManClient, Status> {
+        self.credentials.require()?;
+        self.client
+            .as_deref()
+            .ok_or_else(|| Status::failed_precondition("SalesMan is not configured"))
+    }
+}
+
+fn linked(lead: &Lead) -> Option<ExternalRef> {
+    lead.external_refs
+        .iter()
+        .find(|link| {
+            link.system() == System::Salesman
+                && link.kind() == RemoteKind::SalesmanLead
+                && link.closed_at.is_none()
+                && !link.remote_id.trim().is_empty()
+        })
+        .cloned()
+}
+
+fn lead_ref(id: i64) -> ExternalRef {
+    ExternalRef {
+        system: System::Salesman.into(),
+        kind: RemoteKind::SalesmanLead.into(),
+        remote_id: id.to_string(),
+        linked_at: None,
+        closed_at: None,
+    }
+}
+
+/// The `add` request a canonical lead becomes.
+fn add_request(lead: &Lead) -> AddLeadRequest {
+    let mut description = Vec::new();
+    if !lead.conversation_url.trim().is_empty() {
+        description.push(format!("Hana: {}", lead.conversation_url.trim()));
+    }
+    if !lead.source_channels.is_empty() {
+        description.push(lead.source_channels.join(", "));
+    }
+    description.push(marker(&lead.id));
+    AddLeadRequest {
+        title: lead.name.trim().to_owned(),
+        email: lead.emails.first().cloned().unwrap_or_default(),
+        phone: lead.phones.first().cloned().unwrap_or_default(),
+        description: description.join("\n"),
+        path: lead.source_type.trim().to_owned(),
+        utm_source: "hana".to_owned(),
+        ..Default::default()
+    }
+}
+
+fn not_supported<T>(
+    refs: Vec<ExternalRef>,
+    wrap: impl FnOnce(i32, Vec<ExternalRef>) -> T,
+) -> Response<T> {
+    Response::new(wrap(SyncOutcome::NotSupported.into(), refs))
+}
+
+#[tonic::async_trait]
+impl CrmSyncService for SalesManSync {
+    async fn get_capabilities(
+        &self,
+        _request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<GetCapabilitiesResponse>, Status> {
+        let configured = self.credentials.is_configured() && self.client.is_some();
+        Ok(Response::new(GetCapabilitiesResponse {
+            system: System::Salesman.into(),
+            configured,
+            missing_settings: self
+                .credentials
+                .missing()
+                .iter()
+                .map(|name| (*name).to_owned())
+                .collect(),
+            creates_leads: configured,
+            // The leads API v1 has no update, and no deals or activities.
+            updates_leads: false,
+            syncs_deals: false,
+            adds_activities: false,
+        }))
+    }
+
+    async fn upsert_lead(
+        &self,
+        request: Request<UpsertLeadRequest>,
+    ) -> Result<Response<UpsertLeadResponse>, Status> {
+        let client = self.client()?;
+        let lead = request
+            .into_inner()
+            .lead
+            .ok_or_else(|| Status::invalid_argument("lead is required"))?;
+        if let Some(link) = linked(&lead) {
+            // Already in SalesMan: v1 cannot change it.
+            return Ok(not_supported(vec![link], |outcome, refs| {
+                UpsertLeadResponse { outcome, refs }
+            }));
+        }
+        let add = add_request(&lead);
+        if [&add.title, &add.email, &add.phone]
+            .iter()
+            .all(|value| value.trim().is_empty())
+        {
+            return Err(Status::invalid_argument(format!(
+                "lead {} has no name, email or phone for SalesMan",
+                lead.id
+            )));
+        }
+        // Added before, with the link lost to a crash? The marker is in its description.
+        let wanted = normalize(&marker(&lead.id));
+        let newest = client
+            .list_page(
+                0,
+                &ListFilter {
+                    direction: Direction::NewestFirst,
+                    ..ListFilter::default()
+                },
+            )
+            .await?;
+        if let Some(found) = newest
+            .iter()
+            .find(|existing| normalize(&existing.content).contains(&wanted))
+        {
+            return Ok(Response::new(UpsertLeadResponse {
+                outcome: SyncOutcome::Unchanged.into(),
+                refs: vec![lead_ref(found.id)],
+            }));
+        }
+        let (id, _) = client.add(&add).await?;
+        Ok(Response::new(UpsertLeadResponse {
+            outcome: SyncOutcome::Created.into(),
+            refs: vec![lead_ref(id)],
+        }))
+    }
+
+    async fn delete_lead(
+        &self,
+        request: Request<DeleteLeadRequest>,
+    ) -> Result<Response<DeleteLeadResponse>, Status> {
+        self.client()?;
+        let refs = request
+            .into_inner()
+            .lead
+            .as_ref()
+            .and_then(linked)
+            .into_iter()
+            .collect();
+        Ok(not_supported(refs, |outcome, refs| DeleteLeadResponse {
+            outcome,
+            refs,
+        }))
+    }
+
+    async fn upsert_deal(
+        &self,
+        _request: Request<UpsertDealRequest>,
+    ) -> Result<Response<UpsertDealResponse>, Status> {
+        self.client()?;
+        Ok(not_supported(Vec::new(), |outcome, refs| {
+            UpsertDealResponse { outcome, refs }
+        }))
+    }
+
+    async fn delete_deal(
+        &self,
+        _request: Request<DeleteDealRequest>,
+    ) -> Result<Response<DeleteDealResponse>, Status> {
+        self.client()?;
+        Ok(not_supported(Vec::new(), |outcome, refs| {
+            DeleteDealResponse { outcome, refs }
+        }))
+    }
+
+    async fn add_activity(
+        &self,
+        _request: Request<AddActivityRequest>,
+    ) -> Result<Response<AddActivityResponse>, Status> {
+        self.client()?;
+        Ok(not_supported(Vec::new(), |outcome, refs| {
+            AddActivityResponse { outcome, refs }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_normalised_as_salesman_stores_it() {
+        assert_eq!(
+            normalize("  <b>Компания «Рога и копыта»</b> "),
+            "Компания Рога и копыта"
+        );
+        assert_eq!(normalize(r#"He said "hi" it's \ok"#), "He said hi its ok");
+        assert_eq!(normalize("LeadRelay lead_1"), "LeadRelay lead_1");
+    }
+}

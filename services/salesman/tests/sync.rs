@@ -1,0 +1,197 @@
+//! SalesMan's `CrmSyncService` over real gRPC against the documented fake: a lead is added once,
+//! found by its marker after a lost link, and updates v1 cannot express are reported as such.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use leadrelay_proto::v1::{
+    DeleteLeadRequest, ExternalRef, GetCapabilitiesRequest, Lead, RemoteKind, SyncOutcome, System,
+    UpsertDealRequest, UpsertLeadRequest, crm_sync_service_client::CrmSyncServiceClient,
+};
+use leadrelay_runtime::Settings;
+use leadrelay_testkit::salesman::{self, lead_record, v1};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use wiremock::MockServer;
+
+const LOGIN: &str = "manager@isaler.ru";
+const API_KEY: &str = "sm-sync-key-8a1c";
+
+async fn serve_sync(server: &MockServer) -> CrmSyncServiceClient<Channel> {
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("LEADRELAY_SALESMAN_API_URL", server.uri()),
+        ("LEADRELAY_SALESMAN_LOGIN", LOGIN.to_owned()),
+        ("LEADRELAY_SALESMAN_API_KEY", API_KEY.to_owned()),
+    ]);
+    let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let address = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        leadrelay_salesman::serve(&settings, listener, CancellationToken::new()).await
+    });
+    CrmSyncServiceClient::connect(format!("http://{address}"))
+        .await
+        .expect("the adapter answers")
+}
+
+fn seed_lead(links: Vec<ExternalRef>) -> Lead {
+    Lead {
+        id: "lead_0196a".to_owned(),
+        name: "Toan Truyen".to_owned(),
+        emails: vec!["toan@example.com".to_owned()],
+        phones: vec!["0978712200".to_owned()],
+        source_channels: vec!["Youtube".to_owned(), "Sendo".to_owned()],
+        conversation_url: "https://bot.hana.ai/apps/1/chats/2".to_owned(),
+        external_refs: links,
+        ..Default::default()
+    }
+}
+
+fn salesman_ref(id: &str) -> ExternalRef {
+    ExternalRef {
+        system: System::Salesman.into(),
+        kind: RemoteKind::SalesmanLead.into(),
+        remote_id: id.to_owned(),
+        linked_at: None,
+        closed_at: None,
+    }
+}
+
+#[tokio::test]
+async fn a_lead_is_added_once_and_found_again_by_its_marker() {
+    let server = MockServer::start().await;
+    // SalesMan as it stores leads: after an add, the newest list shows it, description untagged.
+    let added: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = salesman::mount(&server, LOGIN, API_KEY, {
+        let added = added.clone();
+        move |fields| match fields.get("action").map(String::as_str) {
+            Some("add") => {
+                added
+                    .lock()
+                    .expect("added")
+                    .push(fields.get("description").cloned().unwrap_or_default());
+                v1(&json!({"result":{"text":"Success","id":940}}))
+            }
+            Some("list") => {
+                let rows: Vec<_> = added
+                    .lock()
+                    .expect("added")
+                    .iter()
+                    .map(|description| {
+                        let mut row = lead_record(940, 0);
+                        row["content"] = json!(salesman_untag(description));
+                        row
+                    })
+                    .collect();
+                if rows.is_empty() {
+                    v1(&json!({"result":"Error","error":{"code":"404","text":"Не найдено"}}))
+                } else {
+                    v1(&json!({ "data": rows }))
+                }
+            }
+            _ => v1(&json!({"result":"Error","error":{"code":"402","text":"Неизвестный метод"}})),
+        }
+    })
+    .await;
+    let mut sync = serve_sync(&server).await;
+
+    let created = sync
+        .upsert_lead(UpsertLeadRequest {
+            lead: Some(seed_lead(Vec::new())),
+            changed_fields: Vec::new(),
+            idempotency_key: "job_1".to_owned(),
+        })
+        .await
+        .expect("UpsertLead")
+        .into_inner();
+    assert_eq!(created.outcome(), SyncOutcome::Created);
+    assert_eq!(created.refs, vec![salesman_ref("940")]);
+    let fields = seen
+        .lock()
+        .expect("seen")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(fields.get("title").map(String::as_str), Some("Toan Truyen"));
+    assert_eq!(
+        fields.get("email").map(String::as_str),
+        Some("toan@example.com")
+    );
+    assert_eq!(fields.get("phone").map(String::as_str), Some("0978712200"));
+    assert_eq!(fields.get("utm_source").map(String::as_str), Some("hana"));
+
+    // The link was lost (a crash before its commit): the retry finds the lead, adds nothing.
+    let retried = sync
+        .upsert_lead(UpsertLeadRequest {
+            lead: Some(seed_lead(Vec::new())),
+            changed_fields: Vec::new(),
+            idempotency_key: "job_1".to_owned(),
+        })
+        .await
+        .expect("UpsertLead")
+        .into_inner();
+    assert_eq!(retried.outcome(), SyncOutcome::Unchanged);
+    assert_eq!(retried.refs, vec![salesman_ref("940")]);
+    assert_eq!(added.lock().expect("added").len(), 1, "added once");
+
+    // Linked: v1 cannot update a lead, and says so without a call.
+    let calls = seen.lock().expect("seen").len();
+    let update = sync
+        .upsert_lead(UpsertLeadRequest {
+            lead: Some(seed_lead(vec![salesman_ref("940")])),
+            changed_fields: vec!["phones".to_owned()],
+            idempotency_key: "job_2".to_owned(),
+        })
+        .await
+        .expect("UpsertLead")
+        .into_inner();
+    assert_eq!(update.outcome(), SyncOutcome::NotSupported);
+    assert_eq!(update.refs, vec![salesman_ref("940")]);
+    let deleted = sync
+        .delete_lead(DeleteLeadRequest {
+            lead: Some(seed_lead(vec![salesman_ref("940")])),
+            idempotency_key: "job_3".to_owned(),
+        })
+        .await
+        .expect("DeleteLead")
+        .into_inner();
+    assert_eq!(deleted.outcome(), SyncOutcome::NotSupported);
+    let deal = sync
+        .upsert_deal(UpsertDealRequest::default())
+        .await
+        .expect("UpsertDeal")
+        .into_inner();
+    assert_eq!(deal.outcome(), SyncOutcome::NotSupported);
+    assert_eq!(seen.lock().expect("seen").len(), calls, "nothing sent");
+
+    let capabilities = sync
+        .get_capabilities(GetCapabilitiesRequest {})
+        .await
+        .expect("GetCapabilities")
+        .into_inner();
+    assert!(capabilities.configured && capabilities.creates_leads);
+    assert!(!capabilities.updates_leads && !capabilities.syncs_deals);
+}
+
+/// What SalesMan's `untag()` (PHP `strip_tags`, then removing `" ' \ ` « » < >`) leaves of a
+/// text, written apart from the adapter's own normalisation.
+fn salesman_untag(text: &str) -> String {
+    let stripped: String = text
+        .split('<')
+        .enumerate()
+        .map(|(index, part)| {
+            if index == 0 {
+                part
+            } else {
+                part.split_once('>').map_or("", |(_, after)| after)
+            }
+        })
+        .collect();
+    ["\"", "'", "\\", "`", "«", "»", "<", ">"]
+        .iter()
+        .fold(stripped, |text, removed| text.replace(removed, ""))
+}
