@@ -169,7 +169,7 @@ async fn start_leadrelay(
     tokio::spawn(leadrelay_orchestrator::serve(
         store,
         IngestPolicy::default(),
-        None,
+        leadrelay_orchestrator::Pollers::default(),
         orchestrator,
         shutdown.clone(),
     ));

@@ -65,8 +65,8 @@ impl ServiceKind {
                 let listener = bind("LEADRELAY_ORCHESTRATOR_LISTEN", listen.orchestrator).await?;
                 let store = leadrelay_orchestrator::open_store(&settings).await?;
                 let policy = leadrelay_orchestrator::ingest_policy(&settings);
-                let poller = leadrelay_orchestrator::pipedrive_poller(&settings);
-                leadrelay_orchestrator::serve(store, policy, poller, listener, shutdown).await?;
+                let pollers = leadrelay_orchestrator::pollers(&settings);
+                leadrelay_orchestrator::serve(store, policy, pollers, listener, shutdown).await?;
             }
             Self::HanaAdapter => {
                 let listener = bind("LEADRELAY_HANA_LISTEN", listen.hana).await?;

@@ -61,14 +61,14 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let gateway_config = leadrelay_gateway::GatewayConfig::from_settings(&settings)?;
     let store = leadrelay_orchestrator::open_store(&settings).await?;
     let policy = leadrelay_orchestrator::ingest_policy(&settings);
-    let poller = leadrelay_orchestrator::pipedrive_poller(&settings);
+    let pollers = leadrelay_orchestrator::pollers(&settings);
     let database = store.database().to_owned();
     let mut services: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     {
         let shutdown = shutdown.clone();
         services.spawn(async move {
             let result =
-                leadrelay_orchestrator::serve(store, policy, poller, orchestrator, shutdown).await;
+                leadrelay_orchestrator::serve(store, policy, pollers, orchestrator, shutdown).await;
             ("orchestrator", result.map_err(anyhow::Error::from))
         });
     }

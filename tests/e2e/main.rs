@@ -8,5 +8,6 @@ mod pipedrive;
 mod pipedrive_ingest;
 mod pipedrive_poll;
 mod salesman_hana;
+mod salesman_poll;
 mod support;
 mod up;

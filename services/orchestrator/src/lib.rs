@@ -8,6 +8,7 @@ pub mod pipedrive_events;
 pub mod poller;
 pub mod queries;
 pub mod routes;
+pub mod salesman_poller;
 pub mod service;
 pub mod store;
 
@@ -19,6 +20,7 @@ use tonic::service::Routes;
 
 pub use ingest::IngestPolicy;
 pub use poller::{PipedrivePoller, PollerSettings};
+pub use salesman_poller::SalesManPoller;
 pub use service::Orchestrator;
 pub use store::{Store, StoreError};
 
@@ -50,35 +52,65 @@ pub fn ingest_policy(settings: &Settings) -> IngestPolicy {
     }
 }
 
-/// The Pipedrive trigger poller's settings; `None` while Pipedrive is not configured.
-pub fn pipedrive_poller(settings: &Settings) -> Option<PollerSettings> {
-    settings
-        .pipedrive_missing()
-        .is_empty()
-        .then(|| PollerSettings {
-            adapter_url: settings.peers.pipedrive_adapter.clone(),
-            interval: settings.pipedrive.poll_interval,
-        })
+/// The trigger pollers to run; each is off while its system is not configured.
+#[derive(Clone, Debug, Default)]
+pub struct Pollers {
+    /// New Pipedrive deals and activities.
+    pub pipedrive: Option<PollerSettings>,
+    /// SalesMan lead status changes.
+    pub salesman: Option<PollerSettings>,
+}
+
+/// The pollers the settings configure.
+pub fn pollers(settings: &Settings) -> Pollers {
+    Pollers {
+        pipedrive: settings
+            .pipedrive_missing()
+            .is_empty()
+            .then(|| PollerSettings {
+                adapter_url: settings.peers.pipedrive_adapter.clone(),
+                interval: settings.pipedrive.poll_interval,
+            }),
+        salesman: settings
+            .salesman_missing()
+            .is_empty()
+            .then(|| PollerSettings {
+                adapter_url: settings.peers.salesman_adapter.clone(),
+                interval: settings.salesman.poll_interval,
+            }),
+    }
 }
 
 /// Serves the orchestrator on `listener` with an opened store until `shutdown` is cancelled,
-/// polling Pipedrive when `poller` is set.
+/// running the configured `pollers`.
 pub async fn serve(
     store: Store,
     policy: IngestPolicy,
-    poller: Option<PollerSettings>,
+    pollers: Pollers,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), OrchestratorError> {
-    let poller = poller
+    let pipedrive = pollers
+        .pipedrive
         .map(|settings| {
             PipedrivePoller::new(store.clone(), &settings.adapter_url)
                 .map(|poller| (poller, settings.interval))
         })
         .transpose()?;
+    let salesman = pollers
+        .salesman
+        .map(|settings| {
+            SalesManPoller::new(store.clone(), &settings.adapter_url)
+                .map(|poller| (poller, settings.interval))
+        })
+        .transpose()?;
     let orchestrator = Orchestrator::new(store.clone(), policy)?
-        .with_pipedrive_poller(poller.as_ref().map(|(poller, _)| poller.clone()));
-    if let Some((poller, interval)) = poller {
+        .with_pipedrive_poller(pipedrive.as_ref().map(|(poller, _)| poller.clone()))
+        .with_salesman_poller(salesman.as_ref().map(|(poller, _)| poller.clone()));
+    if let Some((poller, interval)) = pipedrive {
+        tokio::spawn(poller.run(interval, shutdown.clone()));
+    }
+    if let Some((poller, interval)) = salesman {
         tokio::spawn(poller.run(interval, shutdown.clone()));
     }
     let routes = Routes::new(OrchestratorServiceServer::new(orchestrator));

@@ -25,6 +25,7 @@ pub struct Orchestrator {
     store: Store,
     ingester: Ingester,
     pipedrive_poller: Option<crate::poller::PipedrivePoller>,
+    salesman_poller: Option<crate::salesman_poller::SalesManPoller>,
 }
 
 impl Orchestrator {
@@ -35,7 +36,18 @@ impl Orchestrator {
             store,
             ingester,
             pipedrive_poller: None,
+            salesman_poller: None,
         })
+    }
+
+    /// The orchestrator with `poller` for TriggerPoll of SalesMan.
+    #[must_use]
+    pub fn with_salesman_poller(
+        mut self,
+        poller: Option<crate::salesman_poller::SalesManPoller>,
+    ) -> Self {
+        self.salesman_poller = poller;
+        self
     }
 
     /// The orchestrator with `poller` for TriggerPoll of Pipedrive.
@@ -57,7 +69,7 @@ fn poll_status(error: crate::poller::PollError) -> Status {
     match error {
         crate::poller::PollError::Adapter(status) => Status::with_details(
             status.code(),
-            format!("the Pipedrive poll failed: {}", status.message()),
+            format!("the poll failed: {}", status.message()),
             status.details().to_vec().into(),
         ),
         crate::poller::PollError::Store(error) => store_status(&error),
@@ -301,7 +313,18 @@ impl OrchestratorService for Orchestrator {
                     polled_at: Some(timestamp(now_ms())),
                 }))
             }
-            System::Salesman => Err(not_implemented(&request)),
+            System::Salesman => {
+                let poller = self.salesman_poller.as_ref().ok_or_else(|| {
+                    Status::failed_precondition(
+                        "SalesMan is not configured: set LEADRELAY_SALESMAN_API_URL, LEADRELAY_SALESMAN_LOGIN and LEADRELAY_SALESMAN_API_KEY",
+                    )
+                })?;
+                let events_stored = poller.poll_once().await.map_err(poll_status)?;
+                Ok(Response::new(TriggerPollResponse {
+                    events_stored,
+                    polled_at: Some(timestamp(now_ms())),
+                }))
+            }
             System::Hana | System::Unspecified => Err(Status::invalid_argument(
                 "`system` must be SYSTEM_PIPEDRIVE or SYSTEM_SALESMAN: only CRMs are polled",
             )),

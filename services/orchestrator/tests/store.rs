@@ -9,7 +9,7 @@ use leadrelay_testkit::TestDatabase;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "deals",
     "events",
     "jobs",
@@ -17,6 +17,7 @@ const TABLES: [&str; 7] = [
     "links",
     "poll_watermarks",
     "quarantine",
+    "salesman_lead_status",
 ];
 
 /// The first migration applies the schema; the second finds nothing to do.

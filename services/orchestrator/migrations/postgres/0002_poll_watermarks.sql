@@ -7,3 +7,11 @@ CREATE TABLE poll_watermarks (
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (system, stream)
 );
+
+-- The last status the SalesMan poller saw of each lead, changed in the transaction that stores
+-- the status-change event.
+CREATE TABLE salesman_lead_status (
+    lead_id    TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    seen_at    BIGINT NOT NULL
+);

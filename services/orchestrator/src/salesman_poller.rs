@@ -1,0 +1,165 @@
+//! The SalesMan lead status poller: every `LEADRELAY_SALESMAN_POLL_INTERVAL` it lists the leads
+//! through the SalesMan adapter and stores a `lead.status` event for each lead whose status
+//! changed (open → in work → processed → closed) since it last looked.
+//!
+//! The last status seen of each lead is kept in the store and changed in the transaction that
+//! stores the event, so a poller stopped at any point neither misses a change nor stores one
+//! twice (the event's key, "lead:<id>:status:<status>", also makes a repeat a duplicate). A lead
+//! seen for the first time is only recorded, unless LeadRelay linked it and it has already left
+//! "open": that change happened while nobody was looking.
+
+use leadrelay_proto::salesman::v1::{
+    Lead, ListLeadsRequest, ListOrderDirection,
+    sales_man_adapter_service_client::SalesManAdapterServiceClient,
+};
+use sqlx::Row;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{
+    ingest::{IngestError, new_id, now_ms},
+    poller::PollError,
+    store::Store,
+};
+
+/// SalesMan's status names, by the numeric code it stores.
+fn status_code(lead: &Lead) -> &'static str {
+    use leadrelay_proto::salesman::v1::LeadStatus;
+    match lead.status() {
+        LeadStatus::Open => "0",
+        LeadStatus::InWork => "1",
+        LeadStatus::Processed => "2",
+        LeadStatus::Closed => "3",
+        LeadStatus::Unspecified => "",
+    }
+}
+
+/// Polls SalesMan through its adapter.
+#[derive(Clone, Debug)]
+pub struct SalesManPoller {
+    store: Store,
+    adapter: SalesManAdapterServiceClient<Channel>,
+    running: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl SalesManPoller {
+    /// A poller over `store`, reaching the adapter at `adapter_url` (connected on first use).
+    pub fn new(store: Store, adapter_url: &url::Url) -> Result<Self, PollError> {
+        let channel = Channel::from_shared(adapter_url.to_string())
+            .map_err(|error| PollError::AdapterUrl(format!("{adapter_url}: {error}")))?
+            .connect_lazy();
+        Ok(Self {
+            store,
+            adapter: SalesManAdapterServiceClient::new(channel),
+            running: std::sync::Arc::default(),
+        })
+    }
+
+    /// Lists the leads once; returns how many status changes were stored.
+    pub async fn poll_once(&self) -> Result<u32, PollError> {
+        let _running = self.running.lock().await;
+        let mut stream = self
+            .adapter
+            .clone()
+            .list_leads(ListLeadsRequest {
+                direction: ListOrderDirection::NewestFirst.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut stored = 0;
+        while let Some(item) = stream.next().await {
+            let Some(lead) = item?.lead else { continue };
+            if self.record(&lead).await? {
+                stored += 1;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Records `lead`'s status; returns whether a change was stored as an event.
+    async fn record(&self, lead: &Lead) -> Result<bool, IngestError> {
+        let status = status_code(lead);
+        if status.is_empty() {
+            return Ok(false);
+        }
+        let lead_id = lead.id.to_string();
+        let mut transaction = self.store.pool().begin().await?;
+        let known: Option<String> =
+            sqlx::query("SELECT status FROM salesman_lead_status WHERE lead_id = $1")
+                .bind(&lead_id)
+                .fetch_optional(&mut *transaction)
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?;
+        let changed = match known.as_deref() {
+            Some(known) => known != status,
+            None => {
+                status != "0"
+                    && sqlx::query(
+                        "SELECT 1 FROM links WHERE system = 'salesman' AND remote_id = $1",
+                    )
+                    .bind(&lead_id)
+                    .fetch_optional(&mut *transaction)
+                    .await?
+                    .is_some()
+            }
+        };
+        if known.as_deref() == Some(status) {
+            return Ok(false);
+        }
+        if changed {
+            let body = serde_json::json!({
+                "id": lead.id, "status": status, "statusName": lead.status_name,
+                "previous_status": known, "result": lead.result_name,
+                "clid": lead.client_id, "pid": lead.person_id, "did": lead.deal_id,
+                "datum_do": lead.datum_do,
+            });
+            sqlx::query(
+                "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at) \
+                 VALUES ($1, 'salesman', 'lead.status', '', $2, $3, $4) \
+                 ON CONFLICT (source, dedupe_key) DO NOTHING",
+            )
+            .bind(new_id("evt"))
+            .bind(format!("lead:{lead_id}:status:{status}"))
+            .bind(serde_json::to_vec(&body).unwrap_or_default())
+            .bind(now_ms())
+            .execute(&mut *transaction)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO salesman_lead_status (lead_id, status, seen_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (lead_id) DO UPDATE SET status = excluded.status, seen_at = excluded.seen_at",
+        )
+        .bind(&lead_id)
+        .bind(status)
+        .bind(now_ms())
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        if changed {
+            tracing::info!(lead = %lead_id, from = ?known, to = status, "salesman lead status changed");
+        }
+        Ok(changed)
+    }
+
+    /// Polls every `interval` until `shutdown`; a failed poll is logged and retried next time.
+    pub async fn run(self, interval: std::time::Duration, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match self.poll_once().await {
+                Ok(0) => {}
+                Ok(stored) => tracing::info!(stored, "salesman poll stored status changes"),
+                Err(error) => {
+                    tracing::warn!(%error, "salesman poll failed; the next one looks again")
+                }
+            }
+        }
+    }
+}
