@@ -9,8 +9,7 @@ use leadrelay_proto::{
     },
     service_names,
     v1::{
-        GetCapabilitiesRequest, ListJobsRequest, UpsertLeadRequest,
-        crm_sync_service_client::CrmSyncServiceClient,
+        GetCapabilitiesRequest, ListJobsRequest, crm_sync_service_client::CrmSyncServiceClient,
         orchestrator_service_client::OrchestratorServiceClient,
     },
 };
@@ -289,25 +288,7 @@ async fn adapters_without_credentials_name_the_missing_variable() -> TestResult 
 #[tokio::test]
 async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult {
     let folder = tempfile::tempdir()?;
-    let up = Up::start(
-        folder.path(),
-        &[
-            ("LEADRELAY_HANA_API_URL", "http://127.0.0.1:9/update"),
-            ("LEADRELAY_HANA_ACCESS_TOKEN", "hana-test-token"),
-        ],
-    )?;
-
-    let mut hana = CrmSyncServiceClient::new(up.channel("hana-adapter").await?);
-    let status = hana
-        .upsert_lead(UpsertLeadRequest::default())
-        .await
-        .err()
-        .ok_or("Hana's CrmSync is not built yet and must not fake success")?;
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert_eq!(
-        status.message(),
-        "leadrelay.v1.CrmSyncService/UpsertLead is not implemented in this LeadRelay build"
-    );
+    let up = Up::start(folder.path(), &[])?;
 
     let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
     let status = orchestrator
@@ -321,7 +302,6 @@ async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult 
             .message()
             .starts_with("leadrelay.v1.OrchestratorService/ListJobs")
     );
-    assert!(!up.logs().contains("hana-test-token"));
     Ok(())
 }
 

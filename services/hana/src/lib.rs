@@ -2,6 +2,7 @@
 //! and the canonical `leadrelay.v1.CrmSyncService` (write-back of remote ids and status changes).
 
 pub mod client;
+pub mod sync;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -12,11 +13,11 @@ use leadrelay_proto::{
     },
     json::{from_proto_value, to_proto_value},
     service_names,
-    v1::{System, crm_sync_service_server::CrmSyncServiceServer},
+    v1::crm_sync_service_server::CrmSyncServiceServer,
 };
 use leadrelay_runtime::{
     Settings,
-    adapter::{Credentials, PendingCrmSync},
+    adapter::Credentials,
     grpc::{GrpcServer, GrpcServerError},
 };
 use tokio::net::TcpListener;
@@ -57,7 +58,11 @@ impl HanaAdapter {
 
     /// The adapter's gRPC routes: its native service and `CrmSyncService`.
     pub fn routes(self) -> Routes {
-        let sync = PendingCrmSync::new(System::Hana, self.credentials.clone());
+        let sync = sync::HanaSync::new(
+            self.credentials.clone(),
+            self.client.clone(),
+            sync::WriteBack::default(),
+        );
         Routes::new(HanaAdapterServiceServer::new(self))
             .add_service(CrmSyncServiceServer::new(sync))
     }
