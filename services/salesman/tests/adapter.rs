@@ -34,9 +34,17 @@ async fn serve_adapter(
     server: &MockServer,
     api_key: &str,
 ) -> SalesManAdapterServiceClient<Channel> {
+    serve_adapter_as(server, LOGIN, api_key).await
+}
+
+async fn serve_adapter_as(
+    server: &MockServer,
+    login: &str,
+    api_key: &str,
+) -> SalesManAdapterServiceClient<Channel> {
     let vars: HashMap<&str, String> = HashMap::from([
         ("LEADRELAY_SALESMAN_API_URL", server.uri()),
-        ("LEADRELAY_SALESMAN_LOGIN", LOGIN.to_owned()),
+        ("LEADRELAY_SALESMAN_LOGIN", login.to_owned()),
         ("LEADRELAY_SALESMAN_API_KEY", api_key.to_owned()),
     ]);
     let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
@@ -170,6 +178,19 @@ async fn errors_arrive_at_http_200_and_map_by_meaning() {
         refused.message().contains("LEADRELAY_SALESMAN_API_KEY"),
         "{}",
         refused.message()
+    );
+
+    let mut stranger = serve_adapter_as(&server, "nobody@isaler.ru", API_KEY).await;
+    let unknown = stranger
+        .get_lead_stats(GetLeadStatsRequest {})
+        .await
+        .expect_err("401");
+    assert_eq!(unknown.code(), Code::Unauthenticated);
+    assert!(
+        unknown.message().contains("LEADRELAY_SALESMAN_LOGIN")
+            && unknown.message().contains("Неизвестный пользователь"),
+        "{}",
+        unknown.message()
     );
 }
 
