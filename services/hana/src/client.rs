@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use leadrelay_runtime::outbound::{http_client, snippet, transport_text};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use url::Url;
@@ -124,15 +125,6 @@ impl std::fmt::Debug for HanaClient {
     }
 }
 
-fn snippet(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let trimmed = text.trim();
-    match trimmed.char_indices().nth(300) {
-        Some((cut, _)) => format!("{}…", &trimmed[..cut]),
-        None => trimmed.to_owned(),
-    }
-}
-
 /// Hana's message in an answer: `message`, `error` (text or `{message}`), or the body itself.
 fn message_of(bytes: &[u8]) -> String {
     let Ok(json) = serde_json::from_slice::<Value>(bytes) else {
@@ -176,13 +168,7 @@ fn check_value(name: &str, value: &Value) -> Result<(), HanaError> {
 impl HanaClient {
     /// A client for the update endpoint at `url`.
     pub fn new(url: Url, token: SecretString, timeout: Duration) -> Result<Self, HanaError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("LeadRelay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| HanaError::Transport(error.to_string()))?;
+        let http = http_client(timeout).map_err(|error| HanaError::Transport(error.to_string()))?;
         Ok(Self {
             http,
             url,
@@ -305,19 +291,10 @@ impl HanaClient {
 
     fn transport(&self, error: &reqwest::Error) -> HanaError {
         if error.is_timeout() {
-            return HanaError::Timeout(self.timeout);
+            HanaError::Timeout(self.timeout)
+        } else {
+            // The URL is Hana's own and may carry a key: it is left out.
+            HanaError::Transport(transport_text(error, "Hana"))
         }
-        // The URL is Hana's own and may carry a key: it is left out.
-        let mut text = error.to_string();
-        if let Some(url) = error.url() {
-            text = text.replace(url.as_str(), "Hana");
-        }
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        HanaError::Transport(text)
     }
 }

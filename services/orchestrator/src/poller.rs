@@ -145,12 +145,9 @@ pub struct PipedrivePoller {
 impl PipedrivePoller {
     /// A poller over `store`, reaching the adapter at `adapter_url` (connected on first use).
     pub fn new(store: Store, adapter_url: &url::Url) -> Result<Self, PollError> {
-        let channel = Channel::from_shared(adapter_url.to_string())
-            .map_err(|error| PollError::AdapterUrl(format!("{adapter_url}: {error}")))?
-            .connect_lazy();
         Ok(Self {
             store,
-            adapter: PipedriveAdapterServiceClient::new(channel),
+            adapter: PipedriveAdapterServiceClient::new(lazy_channel(adapter_url)?),
             running: std::sync::Arc::default(),
         })
     }
@@ -250,21 +247,42 @@ impl PipedrivePoller {
         }
     }
 
-    /// Polls every `interval` until `shutdown`; a failed poll is logged and retried next time.
+    /// Polls every `interval` until `shutdown`.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            match self.poll_once().await {
-                Ok(0) => {}
-                Ok(stored) => tracing::info!(stored, "pipedrive poll stored new records"),
-                Err(error) => {
-                    tracing::warn!(%error, "pipedrive poll failed; the next one resumes where it stopped")
-                }
+        every(interval, shutdown, "pipedrive", || self.poll_once()).await;
+    }
+}
+
+/// A channel to an adapter at `url`, connected on first use (the adapter may start later).
+pub(crate) fn lazy_channel(url: &url::Url) -> Result<Channel, PollError> {
+    Ok(Channel::from_shared(url.to_string())
+        .map_err(|error| PollError::AdapterUrl(format!("{url}: {error}")))?
+        .connect_lazy())
+}
+
+/// Runs `poll` every `interval` until `shutdown`; a failed poll is logged, and the next one
+/// starts where it stopped.
+pub(crate) async fn every<F, Fut>(
+    interval: Duration,
+    shutdown: CancellationToken,
+    system: &'static str,
+    mut poll: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u32, PollError>>,
+{
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match poll().await {
+            Ok(0) => {}
+            Ok(stored) => tracing::info!(system, stored, "poll stored new events"),
+            Err(error) => {
+                tracing::warn!(system, %error, "poll failed; the next one starts where it stopped")
             }
         }
     }

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 
 use crate::{
     ingest::{IngestError, new_id, now_ms},
-    poller::PollError,
+    poller::{PollError, every, lazy_channel},
     store::Store,
 };
 
@@ -46,12 +46,9 @@ pub struct SalesManPoller {
 impl SalesManPoller {
     /// A poller over `store`, reaching the adapter at `adapter_url` (connected on first use).
     pub fn new(store: Store, adapter_url: &url::Url) -> Result<Self, PollError> {
-        let channel = Channel::from_shared(adapter_url.to_string())
-            .map_err(|error| PollError::AdapterUrl(format!("{adapter_url}: {error}")))?
-            .connect_lazy();
         Ok(Self {
             store,
-            adapter: SalesManAdapterServiceClient::new(channel),
+            adapter: SalesManAdapterServiceClient::new(lazy_channel(adapter_url)?),
             running: std::sync::Arc::default(),
         })
     }
@@ -144,22 +141,8 @@ impl SalesManPoller {
         Ok(changed)
     }
 
-    /// Polls every `interval` until `shutdown`; a failed poll is logged and retried next time.
+    /// Polls every `interval` until `shutdown`.
     pub async fn run(self, interval: std::time::Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            match self.poll_once().await {
-                Ok(0) => {}
-                Ok(stored) => tracing::info!(stored, "salesman poll stored status changes"),
-                Err(error) => {
-                    tracing::warn!(%error, "salesman poll failed; the next one looks again")
-                }
-            }
-        }
+        every(interval, shutdown, "salesman", || self.poll_once()).await;
     }
 }

@@ -14,7 +14,10 @@ use serde_json::Value;
 use url::Url;
 
 use crate::pacing::{CallKind, Pacer};
-use leadrelay_runtime::config::RateLimit;
+use leadrelay_runtime::{
+    config::RateLimit,
+    outbound::{http_client, snippet, transport_text},
+};
 
 /// How long one call may take before it is given up.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -168,13 +171,8 @@ impl PipedriveClient {
                 PipedriveError::Unexpected(format!("bad base URL {base}: {error}"))
             })
         };
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("LeadRelay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| PipedriveError::Transport(error.to_string()))?;
+        let http =
+            http_client(timeout).map_err(|error| PipedriveError::Transport(error.to_string()))?;
         Ok(Self {
             http,
             pacer: None,
@@ -367,33 +365,8 @@ impl PipedriveClient {
         } else {
             // Without the URL: it is harmless, but the error text stays short and the same
             // whatever the company domain.
-            PipedriveError::Transport(transport_text(error))
+            PipedriveError::Transport(transport_text(error, "Pipedrive"))
         }
-    }
-}
-
-/// A transport error with its causes, its URL replaced by "Pipedrive".
-fn transport_text(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    if let Some(url) = error.url() {
-        text = text.replace(url.as_str(), "Pipedrive");
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// The first 300 characters of a body, for messages.
-fn snippet(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let trimmed = text.trim();
-    match trimmed.char_indices().nth(300) {
-        Some((cut, _)) => format!("{}…", &trimmed[..cut]),
-        None => trimmed.to_owned(),
     }
 }
 

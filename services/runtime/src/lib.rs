@@ -6,6 +6,7 @@
 pub mod adapter;
 pub mod config;
 pub mod grpc;
+pub mod outbound;
 pub mod propagation;
 pub mod shutdown;
 pub mod telemetry;

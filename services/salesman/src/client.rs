@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use leadrelay_proto::salesman::v1::{AddLeadRequest, Lead, LeadResult, LeadStatus, UserLeadStats};
+use leadrelay_runtime::outbound::{http_client, snippet, transport_text};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use url::Url;
@@ -186,15 +187,6 @@ fn count(value: Option<&Value>) -> u32 {
     u32::try_from(number(value)).unwrap_or(0)
 }
 
-fn snippet(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let trimmed = text.trim();
-    match trimmed.char_indices().nth(300) {
-        Some((cut, _)) => format!("{}…", &trimmed[..cut]),
-        None => trimmed.to_owned(),
-    }
-}
-
 /// v1 `leads` URL-decodes `login` and `apikey` once more after PHP has. Only `%` and `+` change
 /// under that second decoding, so only they are encoded beforehand: "a+b" arrives as "a+b", and
 /// a value without them is sent exactly as the seed's example sends it.
@@ -277,13 +269,8 @@ impl SalesManClient {
         let leads = root
             .join("developer/v1/leads")
             .map_err(|error| SalesManError::Unexpected(format!("bad base URL {base}: {error}")))?;
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("LeadRelay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| SalesManError::Transport(error.to_string()))?;
+        let http =
+            http_client(timeout).map_err(|error| SalesManError::Transport(error.to_string()))?;
         Ok(Self {
             http,
             leads,
@@ -475,23 +462,12 @@ impl SalesManClient {
 
     fn transport(&self, error: &reqwest::Error) -> SalesManError {
         if error.is_timeout() {
-            return SalesManError::Timeout(self.timeout);
+            SalesManError::Timeout(self.timeout)
+        } else {
+            SalesManError::Transport(transport_text(error, "SalesMan"))
         }
-        // The URL holds no secret (they travel in the body), but it is left out all the same.
-        let mut text = error.to_string();
-        if let Some(url) = error.url() {
-            text = text.replace(url.as_str(), "SalesMan");
-        }
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        SalesManError::Transport(text)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,55 @@
+//! What every adapter's HTTP client to an outside API shares: one way to build the client, and
+//! error text a user can read that never carries the request's URL (an outside URL may hold a
+//! company domain or, for some APIs, a key).
+
+use std::time::Duration;
+
+/// An HTTP client for an outside API: rustls, pooled connections, `timeout` per call and at most
+/// 5 s to connect, and LeadRelay's user agent.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("LeadRelay/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// A transport error with its causes, its URL replaced by `system` ("Pipedrive", …).
+pub fn transport_text(error: &reqwest::Error, system: &str) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), system);
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The first 300 characters of a body, trimmed, for messages.
+pub fn snippet(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let trimmed = text.trim();
+    match trimmed.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &trimmed[..cut]),
+        None => trimmed.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snippets_are_trimmed_and_cut_on_a_character_boundary() {
+        assert_eq!(snippet(b"  Bad Gateway \n"), "Bad Gateway");
+        let long = "й".repeat(400);
+        let cut = snippet(long.as_bytes());
+        assert_eq!(cut.chars().count(), 301);
+        assert!(cut.ends_with('…'));
+    }
+}
