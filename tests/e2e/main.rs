@@ -10,4 +10,5 @@ mod pipedrive_poll;
 mod salesman_hana;
 mod salesman_poll;
 mod support;
+mod sync_flow;
 mod up;

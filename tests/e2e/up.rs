@@ -9,7 +9,8 @@ use leadrelay_proto::{
     },
     service_names,
     v1::{
-        GetCapabilitiesRequest, ListJobsRequest, crm_sync_service_client::CrmSyncServiceClient,
+        GetCapabilitiesRequest, ListJobsRequest, ReplayDeadLettersRequest, RetryJobRequest,
+        crm_sync_service_client::CrmSyncServiceClient,
         orchestrator_service_client::OrchestratorServiceClient,
     },
 };
@@ -286,22 +287,29 @@ async fn adapters_without_credentials_name_the_missing_variable() -> TestResult 
 }
 
 #[tokio::test]
-async fn rpcs_not_built_yet_answer_unimplemented_naming_the_rpc() -> TestResult {
+async fn job_admin_rpcs_answer_on_an_empty_store() -> TestResult {
     let folder = tempfile::tempdir()?;
     let up = Up::start(folder.path(), &[])?;
-
     let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
-    let status = orchestrator
+    let jobs = orchestrator
         .list_jobs(ListJobsRequest::default())
+        .await?
+        .into_inner();
+    assert!(jobs.jobs.is_empty() && jobs.next_page_token.is_empty());
+    let missing = orchestrator
+        .retry_job(RetryJobRequest {
+            id: "job_missing".to_owned(),
+        })
         .await
         .err()
-        .ok_or("ListJobs is not built yet")?;
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(
-        status
-            .message()
-            .starts_with("leadrelay.v1.OrchestratorService/ListJobs")
-    );
+        .ok_or("no such job")?;
+    assert_eq!(missing.code(), Code::NotFound);
+    let replayed = orchestrator
+        .replay_dead_letters(ReplayDeadLettersRequest::default())
+        .await?
+        .into_inner()
+        .replayed;
+    assert_eq!(replayed, 0);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod pipedrive_events;
 pub mod poller;
 pub mod queries;
 pub mod routes;
+pub mod runner;
 pub mod salesman_poller;
 pub mod service;
 pub mod store;
@@ -52,18 +53,33 @@ pub fn ingest_policy(settings: &Settings) -> IngestPolicy {
     }
 }
 
-/// The trigger pollers to run; each is off while its system is not configured.
+/// The work the orchestrator does besides answering RPCs: the trigger pollers, and the job
+/// runner's targets. Each is off while its system is not configured.
 #[derive(Clone, Debug, Default)]
 pub struct Pollers {
     /// New Pipedrive deals and activities.
     pub pipedrive: Option<PollerSettings>,
     /// SalesMan lead status changes.
     pub salesman: Option<PollerSettings>,
+    /// The adapters sync jobs are run against, by system; jobs for other systems wait.
+    pub sync_targets: Vec<(leadrelay_proto::v1::System, url::Url)>,
 }
 
-/// The pollers the settings configure.
+/// The pollers and sync targets the settings configure.
 pub fn pollers(settings: &Settings) -> Pollers {
+    use leadrelay_proto::v1::System;
+    let mut sync_targets = Vec::new();
+    if settings.pipedrive_missing().is_empty() {
+        sync_targets.push((System::Pipedrive, settings.peers.pipedrive_adapter.clone()));
+    }
+    if settings.salesman_missing().is_empty() {
+        sync_targets.push((System::Salesman, settings.peers.salesman_adapter.clone()));
+    }
+    if settings.hana_missing().is_empty() {
+        sync_targets.push((System::Hana, settings.peers.hana_adapter.clone()));
+    }
     Pollers {
+        sync_targets,
         pipedrive: settings
             .pipedrive_missing()
             .is_empty()
@@ -112,6 +128,10 @@ pub async fn serve(
     }
     if let Some((poller, interval)) = salesman {
         tokio::spawn(poller.run(interval, shutdown.clone()));
+    }
+    if !pollers.sync_targets.is_empty() {
+        let runner = runner::JobRunner::new(store.clone(), &pollers.sync_targets)?;
+        tokio::spawn(runner.run(shutdown.clone()));
     }
     let routes = Routes::new(OrchestratorServiceServer::new(orchestrator));
     let result = GrpcServer::new("orchestrator", routes, &[service_names::ORCHESTRATOR])

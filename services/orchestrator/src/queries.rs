@@ -146,6 +146,19 @@ async fn links(
         .collect()
 }
 
+/// The name a remote kind is stored under.
+pub fn remote_kind_name(kind: RemoteKind) -> &'static str {
+    match kind {
+        RemoteKind::HanaLead => "hana_lead",
+        RemoteKind::HanaOpportunity => "hana_opportunity",
+        RemoteKind::PipedrivePerson => "pipedrive_person",
+        RemoteKind::PipedriveDeal => "pipedrive_deal",
+        RemoteKind::PipedriveActivity => "pipedrive_activity",
+        RemoteKind::SalesmanLead => "salesman_lead",
+        RemoteKind::Unspecified => "unspecified",
+    }
+}
+
 /// The remote kind stored under `name`.
 pub fn remote_kind(name: &str) -> RemoteKind {
     match name {
@@ -255,6 +268,111 @@ fn job_from_row(row: &AnyRow) -> Result<Job, sqlx::Error> {
         created_at: Some(timestamp(row.try_get("created_at")?)),
         updated_at: Some(timestamp(row.try_get("updated_at")?)),
     })
+}
+
+/// The name a job state is stored under; empty for "any".
+pub fn job_state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Pending => "pending",
+        JobState::Running => "running",
+        JobState::Done => "done",
+        JobState::Dead => "dead",
+        JobState::Coalesced => "coalesced",
+        JobState::Unspecified => "",
+    }
+}
+
+/// Lists jobs in `state` for `target` (empty: any), oldest first, after the job with sequence
+/// `after_seq`; returns them and the next page token.
+pub async fn list_jobs(
+    pool: &AnyPool,
+    state: &str,
+    target: &str,
+    size: i64,
+    after_seq: i64,
+) -> Result<(Vec<Job>, String), StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT seq, {JOB_COLUMNS} FROM jobs WHERE ($1 = '' OR state = $1) AND ($2 = '' OR target = $2) \
+         AND seq > $3 ORDER BY seq LIMIT $4"
+    ))
+    .bind(state)
+    .bind(target)
+    .bind(after_seq)
+    .bind(size)
+    .fetch_all(pool)
+    .await?;
+    let jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = match rows.last() {
+        Some(row) if i64::try_from(rows.len()).unwrap_or(i64::MAX) >= size => {
+            row.try_get::<i64, _>("seq")?.to_string()
+        }
+        _ => String::new(),
+    };
+    Ok((jobs, next))
+}
+
+/// Why a job cannot be retried.
+#[derive(Debug)]
+pub enum RetryRefusal {
+    /// No such job.
+    NotFound,
+    /// The job is in this state, which a retry cannot change.
+    State(&'static str),
+}
+
+/// Makes a dead or waiting job due now; returns it.
+pub async fn retry_job(
+    pool: &AnyPool,
+    id: &str,
+    now: i64,
+) -> Result<Result<Job, RetryRefusal>, StoreError> {
+    let changed = sqlx::query(
+        "UPDATE jobs SET state = 'pending', next_attempt_at = $1, updated_at = $1 \
+         WHERE id = $2 AND state IN ('dead', 'pending')",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    let Some(row) = row else {
+        return Ok(Err(RetryRefusal::NotFound));
+    };
+    let job = job_from_row(&row)?;
+    if changed == 1 {
+        Ok(Ok(job))
+    } else {
+        Ok(Err(RetryRefusal::State(job_state_name(job.state()))))
+    }
+}
+
+/// Makes dead jobs (of `target`, empty: all) due now, at most `limit` (0: all), oldest first;
+/// returns how many.
+pub async fn replay_dead_letters(
+    pool: &AnyPool,
+    target: &str,
+    limit: i64,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let limit = if limit <= 0 { i64::MAX } else { limit };
+    let replayed = sqlx::query(
+        "UPDATE jobs SET state = 'pending', next_attempt_at = $1, updated_at = $1 WHERE id IN \
+         (SELECT id FROM jobs WHERE state = 'dead' AND ($2 = '' OR target = $2) ORDER BY seq LIMIT $3)",
+    )
+    .bind(now)
+    .bind(target)
+    .bind(limit)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(replayed)
 }
 
 /// Lists quarantined calls, newest first; returns them and the next page token.

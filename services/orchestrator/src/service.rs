@@ -10,7 +10,7 @@ use leadrelay_proto::v1::{
     TriggerPollResponse, get_deal_request, get_lead_request, ingest_hana_event_request,
     orchestrator_service_server::OrchestratorService,
 };
-use leadrelay_runtime::{adapter::not_implemented, propagation::current_traceparent};
+use leadrelay_runtime::propagation::current_traceparent;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -246,21 +246,79 @@ impl OrchestratorService for Orchestrator {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        Err(not_implemented(&request))
+        let request = request.into_inner();
+        let size = match request.page_size {
+            0 => 50,
+            size @ 1..=500 => i64::from(size),
+            size => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {size} is out of range: 1 to 500, or 0 for 50"
+                )));
+            }
+        };
+        let after_seq = if request.page_token.is_empty() {
+            0
+        } else {
+            request.page_token.parse().map_err(|_| {
+                Status::invalid_argument("page_token is not one this server gave out")
+            })?
+        };
+        let target = match request.target() {
+            System::Unspecified => "",
+            system => crate::routes::system_name(system),
+        };
+        let (jobs, next_page_token) = queries::list_jobs(
+            self.store.pool(),
+            queries::job_state_name(request.state()),
+            target,
+            size,
+            after_seq,
+        )
+        .await
+        .map_err(|error| store_status(&error))?;
+        Ok(Response::new(ListJobsResponse {
+            jobs,
+            next_page_token,
+        }))
     }
 
     async fn retry_job(
         &self,
         request: Request<RetryJobRequest>,
     ) -> Result<Response<RetryJobResponse>, Status> {
-        Err(not_implemented(&request))
+        let id = request.into_inner().id;
+        match queries::retry_job(self.store.pool(), &id, now_ms())
+            .await
+            .map_err(|error| store_status(&error))?
+        {
+            Ok(job) => Ok(Response::new(RetryJobResponse { job: Some(job) })),
+            Err(queries::RetryRefusal::NotFound) => Err(Status::not_found(format!("no job {id}"))),
+            Err(queries::RetryRefusal::State(state)) => Err(Status::failed_precondition(format!(
+                "job {id} is {state}: only a dead or waiting job can be retried"
+            ))),
+        }
     }
 
     async fn replay_dead_letters(
         &self,
         request: Request<ReplayDeadLettersRequest>,
     ) -> Result<Response<ReplayDeadLettersResponse>, Status> {
-        Err(not_implemented(&request))
+        let request = request.into_inner();
+        let target = match request.target() {
+            System::Unspecified => "",
+            system => crate::routes::system_name(system),
+        };
+        let replayed = queries::replay_dead_letters(
+            self.store.pool(),
+            target,
+            i64::from(request.limit),
+            now_ms(),
+        )
+        .await
+        .map_err(|error| store_status(&error))?;
+        Ok(Response::new(ReplayDeadLettersResponse {
+            replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn list_quarantined(

@@ -1,0 +1,538 @@
+//! The job runner: claims due sync jobs, calls the target adapter's `CrmSyncService`, and records
+//! what came of it (links, or a retry, or a dead letter) in one transaction.
+//!
+//! - Order: of the unfinished jobs for one (target, entity), only the oldest may run, so a
+//!   deal is created before its activity and updates land in the order they happened.
+//! - Coalescing: a pending upsert of the same (target, entity) queued behind the one being run,
+//!   with no other kind of job between them, is marked `coalesced`: the upsert sends the entity's
+//!   current state, which already holds the later change.
+//! - Claiming is a conditional update (`pending` → `running`), so any number of runners on
+//!   Postgres never run one job twice; a `running` job whose runner died is taken again after
+//!   [`LEASE_MS`].
+//! - Retries: transient failures (unavailable, deadline, rate limit, …) wait
+//!   1 s · 2^attempts (at most 10 min, ±20% jitter), or the adapter's retry hint when longer;
+//!   after [`MAX_ATTEMPTS`] attempts, or at once for a permanent error, the job is dead and keeps
+//!   the CRM's message.
+//! - Idempotency: the job id is the idempotency key of every call, so an adapter that sees a
+//!   retry after a crash between its call and this commit finds what it made instead of making
+//!   it again.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use leadrelay_proto::v1::{
+    Activity, AddActivityRequest, DeleteDealRequest, DeleteLeadRequest, ExternalRef, JobOperation,
+    RemoteKind, System, UpsertDealRequest, UpsertLeadRequest,
+    crm_sync_service_client::CrmSyncServiceClient,
+};
+use sqlx::Row;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, transport::Channel};
+
+use crate::{
+    ingest::{IngestError, now_ms},
+    poller::lazy_channel,
+    queries::{EntityKey, get_deal, get_lead},
+    routes::{Operation, system_from_name, system_name},
+    store::{Store, StoreError},
+};
+
+/// Attempts before a job is dead.
+pub const MAX_ATTEMPTS: i64 = 8;
+
+/// How long a claimed job may run before another runner takes it again.
+pub const LEASE_MS: i64 = 5 * 60 * 1000;
+
+/// Jobs claimed per round.
+const BATCH: i64 = 32;
+
+/// Calls in flight per target.
+const PER_TARGET: usize = 4;
+
+/// How often an idle runner looks for due jobs.
+const IDLE: Duration = Duration::from_millis(200);
+
+/// The first retry delay, doubled per attempt.
+const FIRST_RETRY_MS: i64 = 1000;
+
+/// The longest retry delay.
+const MAX_RETRY_MS: i64 = 10 * 60 * 1000;
+
+/// The reason a deal deleted in Hana is closed with.
+const DELETED_IN_HANA: &str = "deleted in Hana";
+
+/// A claimed job.
+#[derive(Clone, Debug)]
+struct Claimed {
+    id: String,
+    target: System,
+    operation: JobOperation,
+    entity_id: String,
+    attempts: i64,
+}
+
+/// What a job's call came to.
+enum Finished {
+    /// The call succeeded; the links it reported.
+    Done {
+        refs: Vec<ExternalRef>,
+        closes: bool,
+        note: String,
+    },
+    /// Try again at this time.
+    Retry { at_ms: i64, error: String },
+    /// Give up.
+    Dead(String),
+}
+
+/// A target's adapter and the permits that bound its calls in flight.
+type Target = (CrmSyncServiceClient<Channel>, Arc<Semaphore>);
+
+/// Runs the jobs of the configured targets.
+#[derive(Clone, Debug)]
+pub struct JobRunner {
+    store: Store,
+    adapters: Arc<HashMap<System, Target>>,
+}
+
+impl JobRunner {
+    /// A runner calling each configured target's adapter at its URL.
+    pub fn new(
+        store: Store,
+        targets: &[(System, url::Url)],
+    ) -> Result<Self, crate::poller::PollError> {
+        let mut adapters = HashMap::new();
+        for (system, url) in targets {
+            adapters.insert(
+                *system,
+                (
+                    CrmSyncServiceClient::new(lazy_channel(url)?),
+                    Arc::new(Semaphore::new(PER_TARGET)),
+                ),
+            );
+        }
+        Ok(Self {
+            store,
+            adapters: Arc::new(adapters),
+        })
+    }
+
+    /// Runs due jobs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let ran = match self.run_once().await {
+                Ok(ran) => ran,
+                Err(error) => {
+                    tracing::warn!(%error, "the job runner could not claim jobs; it tries again");
+                    0
+                }
+            };
+            if ran == 0 {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(IDLE) => {}
+                }
+            } else if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Claims the due jobs once and runs them; returns how many ran.
+    pub async fn run_once(&self) -> Result<usize, StoreError> {
+        if self.adapters.is_empty() {
+            return Ok(0);
+        }
+        let claimed = self.claim().await?;
+        let count = claimed.len();
+        let mut running = tokio::task::JoinSet::new();
+        for job in claimed {
+            let runner = self.clone();
+            running.spawn(async move { runner.execute(job).await });
+        }
+        while let Some(result) = running.join_next().await {
+            if let Ok(Err(error)) = result {
+                tracing::warn!(%error, "a job's outcome could not be stored; its lease will expire and it runs again");
+            }
+        }
+        Ok(count)
+    }
+
+    async fn claim(&self) -> Result<Vec<Claimed>, StoreError> {
+        let now = now_ms();
+        let pool = self.store.pool();
+        // Jobs whose runner died are taken again.
+        sqlx::query(
+            "UPDATE jobs SET state = 'pending', updated_at = $1 WHERE state = 'running' AND updated_at < $2",
+        )
+        .bind(now)
+        .bind(now - LEASE_MS)
+        .execute(pool)
+        .await?;
+        let targets: Vec<&str> = self
+            .adapters
+            .keys()
+            .map(|system| system_name(*system))
+            .collect();
+        let placeholders: Vec<String> = (0..targets.len())
+            .map(|index| format!("${}", index + 2))
+            .collect();
+        let sql = format!(
+            "SELECT seq, id, target, operation, entity_id, attempts FROM jobs j \
+             WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target IN ({}) \
+             AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.target = j.target AND k.entity_id = j.entity_id \
+                             AND k.seq < j.seq AND k.state IN ('pending', 'running')) \
+             ORDER BY j.seq LIMIT {BATCH}",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(now);
+        for target in &targets {
+            query = query.bind(*target);
+        }
+        let rows = query.fetch_all(pool).await?;
+        let mut claimed = Vec::new();
+        for row in rows {
+            let seq: i64 = row.try_get("seq")?;
+            let job = Claimed {
+                id: row.try_get("id")?,
+                target: system_from_name(row.try_get::<String, _>("target")?.as_str()),
+                operation: Operation::from_name(row.try_get::<String, _>("operation")?.as_str()),
+                entity_id: row.try_get("entity_id")?,
+                attempts: row.try_get("attempts")?,
+            };
+            let mut transaction = pool.begin().await?;
+            let taken = sqlx::query(
+                "UPDATE jobs SET state = 'running', updated_at = $1 WHERE id = $2 AND state = 'pending'",
+            )
+            .bind(now)
+            .bind(&job.id)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            if taken != 1 {
+                // Another runner took it.
+                continue;
+            }
+            if matches!(
+                job.operation,
+                JobOperation::UpsertLead | JobOperation::UpsertDeal
+            ) {
+                sqlx::query(
+                    "UPDATE jobs SET state = 'coalesced', updated_at = $1 \
+                     WHERE target = $2 AND entity_id = $3 AND operation = $4 AND state = 'pending' \
+                     AND seq > $5 AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.target = jobs.target \
+                         AND d.entity_id = jobs.entity_id AND d.seq > $5 AND d.seq < jobs.seq \
+                         AND d.operation <> jobs.operation AND d.state = 'pending')",
+                )
+                .bind(now)
+                .bind(system_name(job.target))
+                .bind(&job.entity_id)
+                .bind(Operation(job.operation).as_str())
+                .bind(seq)
+                .execute(&mut *transaction)
+                .await?;
+            }
+            transaction.commit().await?;
+            claimed.push(job);
+        }
+        Ok(claimed)
+    }
+
+    async fn execute(&self, job: Claimed) -> Result<(), IngestError> {
+        let Some((client, permits)) = self.adapters.get(&job.target) else {
+            return Ok(());
+        };
+        let _permit = permits.acquire().await;
+        let finished = match self.call(client.clone(), &job).await {
+            Ok(finished) => finished,
+            Err(status) => classify(&job, &status),
+        };
+        self.finish(&job, finished).await
+    }
+
+    async fn call(
+        &self,
+        mut client: CrmSyncServiceClient<Channel>,
+        job: &Claimed,
+    ) -> Result<Finished, tonic::Status> {
+        let pool = self.store.pool();
+        let key = job.id.clone();
+        let gone = || Finished::Dead(format!("entity {} no longer exists", job.entity_id));
+        let store_error = |error: StoreError| tonic::Status::unavailable(error.to_string());
+        let lead = || async {
+            get_lead(pool, &EntityKey::Id(job.entity_id.clone()))
+                .await
+                .map_err(store_error)
+        };
+        let deal_and_contact = || async {
+            let Some(deal) = get_deal(pool, &EntityKey::Id(job.entity_id.clone()))
+                .await
+                .map_err(store_error)?
+            else {
+                return Ok::<_, tonic::Status>(None);
+            };
+            let contact = match deal.contact.as_ref().map(|contact| contact.lead_id.clone()) {
+                Some(lead_id) if !lead_id.is_empty() => get_lead(pool, &EntityKey::Id(lead_id))
+                    .await
+                    .map_err(store_error)?,
+                _ => None,
+            };
+            Ok(Some((deal, contact)))
+        };
+        let done = |outcome: i32, refs: Vec<ExternalRef>, closes: bool| Finished::Done {
+            note: if outcome == leadrelay_proto::v1::SyncOutcome::NotSupported as i32 {
+                "the target cannot express this change".to_owned()
+            } else {
+                String::new()
+            },
+            refs,
+            closes,
+        };
+        Ok(match job.operation {
+            JobOperation::UpsertLead => {
+                let Some(lead) = lead().await? else {
+                    return Ok(gone());
+                };
+                let answer = client
+                    .upsert_lead(UpsertLeadRequest {
+                        lead: Some(lead),
+                        changed_fields: Vec::new(),
+                        idempotency_key: key,
+                    })
+                    .await?
+                    .into_inner();
+                done(answer.outcome, answer.refs, false)
+            }
+            JobOperation::DeleteLead => {
+                let Some(lead) = lead().await? else {
+                    return Ok(gone());
+                };
+                let answer = client
+                    .delete_lead(DeleteLeadRequest {
+                        lead: Some(lead),
+                        idempotency_key: key,
+                    })
+                    .await?
+                    .into_inner();
+                done(answer.outcome, answer.refs, true)
+            }
+            JobOperation::UpsertDeal => {
+                let Some((deal, contact)) = deal_and_contact().await? else {
+                    return Ok(gone());
+                };
+                let answer = client
+                    .upsert_deal(UpsertDealRequest {
+                        deal: Some(deal),
+                        contact,
+                        changed_fields: Vec::new(),
+                        idempotency_key: key,
+                    })
+                    .await?
+                    .into_inner();
+                done(answer.outcome, answer.refs, false)
+            }
+            JobOperation::DeleteDeal => {
+                let Some((deal, _)) = deal_and_contact().await? else {
+                    return Ok(gone());
+                };
+                let answer = client
+                    .delete_deal(DeleteDealRequest {
+                        deal: Some(deal),
+                        reason: DELETED_IN_HANA.to_owned(),
+                        idempotency_key: key,
+                    })
+                    .await?
+                    .into_inner();
+                done(answer.outcome, answer.refs, true)
+            }
+            JobOperation::AddActivity => {
+                let Some((deal, contact)) = deal_and_contact().await? else {
+                    return Ok(gone());
+                };
+                let answer = client
+                    .add_activity(AddActivityRequest {
+                        activity: Some(Activity {
+                            subject: "Hana conversation".to_owned(),
+                            ..Default::default()
+                        }),
+                        deal: Some(deal),
+                        contact,
+                        idempotency_key: key,
+                    })
+                    .await?
+                    .into_inner();
+                done(answer.outcome, answer.refs, false)
+            }
+            JobOperation::Unspecified => Finished::Dead("the job names no operation".to_owned()),
+        })
+    }
+
+    async fn finish(&self, job: &Claimed, finished: Finished) -> Result<(), IngestError> {
+        let now = now_ms();
+        let mut transaction = self.store.pool().begin().await?;
+        let (state, next_at, error) = match finished {
+            Finished::Done { refs, closes, note } => {
+                let (lead_id, deal_id) = self.entities_of(job).await?;
+                for link in refs {
+                    let entity = match link.kind() {
+                        RemoteKind::HanaLead
+                        | RemoteKind::PipedrivePerson
+                        | RemoteKind::SalesmanLead => lead_id.as_deref().map(|id| ("lead", id)),
+                        RemoteKind::HanaOpportunity
+                        | RemoteKind::PipedriveDeal
+                        | RemoteKind::PipedriveActivity => {
+                            deal_id.as_deref().map(|id| ("deal", id))
+                        }
+                        RemoteKind::Unspecified => None,
+                    };
+                    let Some((entity_type, entity_id)) = entity else {
+                        continue;
+                    };
+                    let kind = crate::queries::remote_kind_name(link.kind());
+                    if closes {
+                        sqlx::query(
+                            "UPDATE links SET closed_at = $1 WHERE entity_type = $2 AND entity_id = $3 \
+                             AND system = $4 AND kind = $5 AND closed_at IS NULL",
+                        )
+                        .bind(now)
+                        .bind(entity_type)
+                        .bind(entity_id)
+                        .bind(system_name(link.system()))
+                        .bind(kind)
+                        .execute(&mut *transaction)
+                        .await?;
+                    } else {
+                        sqlx::query(
+                            "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (entity_type, entity_id, system, kind) \
+                             DO UPDATE SET remote_id = excluded.remote_id, closed_at = NULL",
+                        )
+                        .bind(entity_type)
+                        .bind(entity_id)
+                        .bind(system_name(link.system()))
+                        .bind(kind)
+                        .bind(&link.remote_id)
+                        .bind(now)
+                        .execute(&mut *transaction)
+                        .await?;
+                    }
+                }
+                ("done", now, note)
+            }
+            Finished::Retry { at_ms, error } => ("pending", at_ms, error),
+            Finished::Dead(error) => ("dead", now, error),
+        };
+        if state != "done" {
+            tracing::warn!(job = %job.id, target = system_name(job.target), state, error, "sync job failed");
+        }
+        sqlx::query(
+            "UPDATE jobs SET state = $1, attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
+             updated_at = $4 WHERE id = $5 AND state = 'running'",
+        )
+        .bind(state)
+        .bind(next_at)
+        .bind(&error)
+        .bind(now)
+        .bind(&job.id)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// The lead and the deal a job's links belong to: a lead job's lead; a deal job's deal and
+    /// its contact lead.
+    async fn entities_of(
+        &self,
+        job: &Claimed,
+    ) -> Result<(Option<String>, Option<String>), StoreError> {
+        match job.operation {
+            JobOperation::UpsertLead | JobOperation::DeleteLead => {
+                Ok((Some(job.entity_id.clone()), None))
+            }
+            _ => {
+                let contact: Option<Option<String>> =
+                    sqlx::query_scalar("SELECT contact_lead_id FROM deals WHERE id = $1")
+                        .bind(&job.entity_id)
+                        .fetch_optional(self.store.pool())
+                        .await?;
+                Ok((contact.flatten(), Some(job.entity_id.clone())))
+            }
+        }
+    }
+}
+
+/// What a failed call means for its job.
+fn classify(job: &Claimed, status: &tonic::Status) -> Finished {
+    let message = format!("{:?}: {}", status.code(), status.message());
+    let transient = matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+    );
+    if !transient || job.attempts + 1 >= MAX_ATTEMPTS {
+        return Finished::Dead(message);
+    }
+    let hinted = <tonic::Status as tonic_types::StatusExt>::get_error_details(status)
+        .retry_info()
+        .and_then(|info| info.retry_delay)
+        .map_or(0, |delay| {
+            i64::try_from(delay.as_millis()).unwrap_or(MAX_RETRY_MS)
+        });
+    Finished::Retry {
+        at_ms: now_ms() + backoff_ms(job.attempts, &job.id).max(hinted),
+        error: message,
+    }
+}
+
+/// 1 s · 2^attempts, at most 10 min, with ±20% jitter drawn from the job id (so retries of many
+/// jobs failed together spread out).
+fn backoff_ms(attempts: i64, job_id: &str) -> i64 {
+    let exponent = u32::try_from(attempts.clamp(0, 20)).unwrap_or(20);
+    let base = FIRST_RETRY_MS
+        .saturating_mul(1_i64 << exponent)
+        .min(MAX_RETRY_MS);
+    let spread: i64 = job_id.bytes().map(i64::from).sum::<i64>() % 41 - 20;
+    base + base * spread / 100
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_within_bounds() {
+        assert!((800..=1200).contains(&backoff_ms(0, "job_a")));
+        assert!((3200..=4800).contains(&backoff_ms(2, "job_a")));
+        assert!(backoff_ms(30, "job_a") <= MAX_RETRY_MS * 12 / 10);
+        assert!(backoff_ms(30, "job_a") >= MAX_RETRY_MS * 8 / 10);
+    }
+
+    #[test]
+    fn permanent_errors_and_exhausted_retries_are_dead() {
+        let job = |attempts| Claimed {
+            id: "job_1".to_owned(),
+            target: System::Pipedrive,
+            operation: JobOperation::UpsertLead,
+            entity_id: "lead_1".to_owned(),
+            attempts,
+        };
+        assert!(matches!(
+            classify(&job(0), &tonic::Status::invalid_argument("Validation failed: title")),
+            Finished::Dead(message) if message.contains("Validation failed")
+        ));
+        assert!(matches!(
+            classify(&job(0), &tonic::Status::unavailable("down")),
+            Finished::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(&job(MAX_ATTEMPTS - 1), &tonic::Status::unavailable("down")),
+            Finished::Dead(_)
+        ));
+    }
+}

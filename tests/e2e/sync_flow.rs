@@ -1,0 +1,252 @@
+//! The sync flows end to end: a Hana webhook into `leadrelay up`, its jobs run against fakes of
+//! SalesMan and Pipedrive, and the remote ids linked to the canonical lead.
+
+use std::time::{Duration, Instant};
+
+use leadrelay_proto::v1::{
+    GetEventRequest, GetLeadRequest, JobState, Lead, RemoteKey, RemoteKind, System,
+    get_lead_request, orchestrator_service_client::OrchestratorServiceClient,
+};
+use leadrelay_testkit::{pipedrive, salesman};
+use tonic::transport::Channel;
+use wiremock::MockServer;
+
+use crate::{
+    hana_ingest::SEED_SAMPLE,
+    support::{Error, TestResult, Up},
+};
+
+const PIPEDRIVE_TOKEN: &str = "pd-flow-token-17aa";
+const SALESMAN_LOGIN: &str = "manager@isaler.ru";
+const SALESMAN_KEY: &str = "sm-flow-key-6e02";
+const SEED_LEAD_ID: &str = "e734c76a-52ca-44f0-a21e8e1fe627c308";
+
+async fn seed_lead(orchestrator: &mut OrchestratorServiceClient<Channel>) -> Result<Lead, Error> {
+    Ok(orchestrator
+        .get_lead(GetLeadRequest {
+            key: Some(get_lead_request::Key::Remote(RemoteKey {
+                system: System::Hana.into(),
+                remote_id: SEED_LEAD_ID.to_owned(),
+            })),
+        })
+        .await?
+        .into_inner()
+        .lead
+        .ok_or("the lead is stored")?)
+}
+
+fn remote(lead: &Lead, kind: RemoteKind) -> Option<&str> {
+    lead.external_refs
+        .iter()
+        .find(|link| link.kind() == kind)
+        .map(|link| link.remote_id.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person() -> TestResult {
+    let pipedrive_fake = MockServer::start().await;
+    pipedrive::mount_every_operation(&pipedrive_fake).await;
+    let salesman_fake = MockServer::start().await;
+    let seen = salesman::mount(
+        &salesman_fake,
+        SALESMAN_LOGIN,
+        SALESMAN_KEY,
+        salesman::documented_answers,
+    )
+    .await;
+    let folder = tempfile::tempdir()?;
+    let (pipedrive_url, salesman_url) = (pipedrive_fake.uri(), salesman_fake.uri());
+    let up = Up::start(
+        folder.path(),
+        &[
+            ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
+            ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
+            ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
+            ("LEADRELAY_SALESMAN_API_URL", salesman_url.as_str()),
+            ("LEADRELAY_SALESMAN_LOGIN", SALESMAN_LOGIN),
+            ("LEADRELAY_SALESMAN_API_KEY", SALESMAN_KEY),
+            ("LEADRELAY_SALESMAN_POLL_INTERVAL", "1h"),
+        ],
+    )?;
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(up.hana_webhook("lead.created"))
+        .header("content-type", "application/json")
+        .body(SEED_SAMPLE)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let event_id = answer["event_id"].as_str().ok_or("an event id")?.to_owned();
+
+    let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lead = loop {
+        let lead = seed_lead(&mut orchestrator).await?;
+        if remote(&lead, RemoteKind::PipedrivePerson).is_some()
+            && remote(&lead, RemoteKind::SalesmanLead).is_some()
+        {
+            break lead;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the jobs did not finish; logs:\n{}", up.logs()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(remote(&lead, RemoteKind::PipedrivePerson), Some("7"));
+    assert_eq!(remote(&lead, RemoteKind::SalesmanLead), Some("940"));
+    let jobs = orchestrator
+        .get_event(GetEventRequest { id: event_id })
+        .await?
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 2);
+    assert!(
+        jobs.iter().all(|job| job.state() == JobState::Done),
+        "{jobs:?}"
+    );
+
+    let adds = seen
+        .lock()
+        .map(|seen| {
+            seen.iter()
+                .filter(|fields| fields.get("action").map(String::as_str) == Some("add"))
+                .count()
+        })
+        .unwrap_or_default();
+    assert_eq!(adds, 1, "one SalesMan lead");
+    let created_persons = pipedrive_fake
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|request| {
+            request.method.as_str() == "POST" && request.url.path() == "/api/v2/persons"
+        })
+        .count();
+    assert_eq!(
+        created_persons, 0,
+        "the person Pipedrive already had is found, not created"
+    );
+    pipedrive::assert_requests_conform(&pipedrive_fake, PIPEDRIVE_TOKEN).await;
+    Ok(())
+}
+
+/// Waits until `check` holds for the jobs of `event_id`, or fails with the logs.
+async fn wait_for_jobs(
+    up: &Up,
+    event_id: &str,
+    check: impl Fn(&[leadrelay_proto::v1::Job]) -> bool,
+) -> Result<Vec<leadrelay_proto::v1::Job>, Error> {
+    let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let jobs = orchestrator
+            .get_event(GetEventRequest {
+                id: event_id.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .jobs;
+        if check(&jobs) {
+            return Ok(jobs);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("jobs stuck at {jobs:?}; logs:\n{}", up.logs()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishes_them()
+-> TestResult {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use leadrelay_proto::v1::ReplayDeadLettersRequest;
+    use serde_json::json;
+
+    // SalesMan fails the first add with HTTP 500 (transient), then refuses with 405 (permanent)
+    // until the operator fixes it; from the third add on it accepts.
+    let adds = Arc::new(AtomicUsize::new(0));
+    let salesman_fake = MockServer::start().await;
+    salesman::mount(&salesman_fake, SALESMAN_LOGIN, SALESMAN_KEY, {
+        let adds = adds.clone();
+        move |fields| match fields.get("action").map(String::as_str) {
+            Some("add") => match adds.fetch_add(1, Ordering::SeqCst) {
+                0 => wiremock::ResponseTemplate::new(500),
+                1 => salesman::v1(
+                    &json!({"error":{"code":"405","text":"Не передан обязательный параметр"}}),
+                ),
+                _ => salesman::v1(&json!({"result":{"text":"Success","id":941}})),
+            },
+            _ => salesman::documented_answers(fields),
+        }
+    })
+    .await;
+    let folder = tempfile::tempdir()?;
+    let salesman_url = salesman_fake.uri();
+    let up = Up::start(
+        folder.path(),
+        &[
+            ("LEADRELAY_SALESMAN_API_URL", salesman_url.as_str()),
+            ("LEADRELAY_SALESMAN_LOGIN", SALESMAN_LOGIN),
+            ("LEADRELAY_SALESMAN_API_KEY", SALESMAN_KEY),
+            ("LEADRELAY_SALESMAN_POLL_INTERVAL", "1h"),
+        ],
+    )?;
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(up.hana_webhook("lead.created"))
+        .header("content-type", "application/json")
+        .body(SEED_SAMPLE)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let event_id = answer["event_id"].as_str().ok_or("an event id")?.to_owned();
+    let salesman_job = |jobs: &[leadrelay_proto::v1::Job]| {
+        jobs.iter()
+            .find(|job| job.target() == System::Salesman)
+            .cloned()
+    };
+
+    // The 500 is retried after its backoff; the 405 that follows is a dead letter with the text.
+    let jobs = wait_for_jobs(&up, &event_id, |jobs| {
+        salesman_job(jobs).is_some_and(|job| job.state() == JobState::Dead)
+    })
+    .await?;
+    let dead = salesman_job(&jobs).ok_or("a SalesMan job")?;
+    assert_eq!(dead.attempts, 2, "one retry, then the permanent error");
+    assert!(
+        dead.last_error.contains("Не передан обязательный параметр"),
+        "{}",
+        dead.last_error
+    );
+    // The Pipedrive job waits: Pipedrive is not configured, so nothing runs it.
+    assert!(
+        jobs.iter()
+            .any(|job| job.target() == System::Pipedrive && job.state() == JobState::Pending)
+    );
+
+    // The cause is fixed; replaying the dead letters finishes the job.
+    let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+    let replayed = orchestrator
+        .replay_dead_letters(ReplayDeadLettersRequest {
+            target: System::Salesman.into(),
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .replayed;
+    assert_eq!(replayed, 1);
+    wait_for_jobs(&up, &event_id, |jobs| {
+        salesman_job(jobs).is_some_and(|job| job.state() == JobState::Done)
+    })
+    .await?;
+    let lead = seed_lead(&mut orchestrator).await?;
+    assert_eq!(remote(&lead, RemoteKind::SalesmanLead), Some("941"));
+    assert_eq!(adds.load(Ordering::SeqCst), 3);
+    Ok(())
+}
