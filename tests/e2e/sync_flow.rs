@@ -250,3 +250,100 @@ async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishe
     assert_eq!(adds.load(Ordering::SeqCst), 3);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket() -> TestResult {
+    use serde_json::json;
+    use wiremock::{Mock, ResponseTemplate, matchers::method};
+
+    const HOOK_USER: &str = "pipedrive-hook";
+    const HOOK_PASSWORD: &str = "pd-hook-secret-3c";
+    const HANA_TOKEN: &str = "hana-flow-token-9d";
+    const TICKET: &str = "7ad14152-9be8-442d-bf0f-33c94b5db16d";
+
+    let pipedrive_fake = MockServer::start().await;
+    pipedrive::mount_every_operation(&pipedrive_fake).await;
+    let hana_fake = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"success": true})))
+        .mount(&hana_fake)
+        .await;
+    let folder = tempfile::tempdir()?;
+    let pipedrive_url = pipedrive_fake.uri();
+    let hana_url = format!("{}/update", hana_fake.uri());
+    let up = Up::start(
+        folder.path(),
+        &[
+            ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
+            ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
+            ("LEADRELAY_PIPEDRIVE_WEBHOOK_USER", HOOK_USER),
+            ("LEADRELAY_PIPEDRIVE_WEBHOOK_PASSWORD", HOOK_PASSWORD),
+            ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
+            ("LEADRELAY_HANA_API_URL", hana_url.as_str()),
+            ("LEADRELAY_HANA_ACCESS_TOKEN", HANA_TOKEN),
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    // A Hana ticket becomes Pipedrive deal 5 (the fake's id).
+    let ticket = json!({
+        "application": {"id": "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2"},
+        "opportunity": {
+            "id": {"nomalizeData": TICKET, "rawData": TICKET},
+            "baseName": {"nomalizeData": "Deal 5", "rawData": "Deal 5"}
+        }
+    });
+    let answer: serde_json::Value = http
+        .post(up.hana_webhook("ticket.created"))
+        .json(&ticket)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let event_id = answer["event_id"].as_str().ok_or("an event id")?.to_owned();
+    wait_for_jobs(&up, &event_id, |jobs| {
+        !jobs.is_empty() && jobs.iter().all(|job| job.state() == JobState::Done)
+    })
+    .await?;
+
+    // Sales marks it won in Pipedrive; the webhook comes in.
+    let won = json!({
+        "data": {"id": 5, "status": "won", "stage_id": 4, "pipeline_id": 1, "title": "Deal 5"},
+        "previous": {"status": "open"},
+        "meta": {"action": "change", "entity": "deal", "entity_id": "5",
+                 "id": "b1e0-meta", "timestamp": "2026-11-29T10:00:00Z", "version": "2.0"}
+    });
+    let stored = http
+        .post(format!("{}/webhooks/pipedrive", up.gateway_url()))
+        .basic_auth(HOOK_USER, Some(HOOK_PASSWORD))
+        .json(&won)
+        .send()
+        .await?;
+    assert_eq!(stored.status(), 200);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let update = loop {
+        let bodies: Vec<serde_json::Value> = hana_fake
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
+            .collect();
+        if let Some(update) = bodies
+            .into_iter()
+            .find(|body| body.get("opportunity").is_some())
+        {
+            break update;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("Hana got no update; logs:\n{}", up.logs()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        update,
+        json!({"opportunity": {"id": TICKET, "cf_string_pipedrive_deal_id": "5",
+                               "cf_string_deal_status": "won", "cf_string_deal_stage_id": "4"}})
+    );
+    Ok(())
+}

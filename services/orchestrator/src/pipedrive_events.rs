@@ -43,6 +43,96 @@ fn unusable(request: &IngestPipedriveEventRequest) -> Option<String> {
     None
 }
 
+/// The reverse flow of a Pipedrive deal change: when the deal is linked to a canonical deal and
+/// its status, lost reason or stage differ from what LeadRelay holds, the canonical deal takes
+/// them and a job writes them back to Hana, in the transaction that stores the event.
+async fn follow_deal_change(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    request: &IngestPipedriveEventRequest,
+    event_id: &str,
+    trace_context: Option<&str>,
+    now: i64,
+) -> Result<(), IngestError> {
+    use leadrelay_proto::v1::{Deal, DealStatus};
+    use prost::Message;
+
+    let Some(data) = request.data.as_ref().map(from_proto_struct) else {
+        return Ok(());
+    };
+    let remote_id = match request.entity_id.trim() {
+        "" => match data.get("id") {
+            Some(serde_json::Value::Number(id)) => id.to_string(),
+            Some(serde_json::Value::String(id)) => id.clone(),
+            _ => return Ok(()),
+        },
+        id => id.to_owned(),
+    };
+    let deal_id: Option<String> = sqlx::query_scalar(
+        "SELECT entity_id FROM links WHERE entity_type = 'deal' AND system = 'pipedrive' \
+         AND kind = 'pipedrive_deal' AND remote_id = $1 AND closed_at IS NULL",
+    )
+    .bind(&remote_id)
+    .fetch_optional(&mut **transaction)
+    .await?;
+    let Some(deal_id) = deal_id else {
+        return Ok(());
+    };
+    let body: Option<Vec<u8>> = sqlx::query_scalar("SELECT body FROM deals WHERE id = $1")
+        .bind(&deal_id)
+        .fetch_optional(&mut **transaction)
+        .await?;
+    let Some(body) = body else { return Ok(()) };
+    let mut deal =
+        Deal::decode(body.as_slice()).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    let before = deal.clone();
+    match data.get("status").and_then(serde_json::Value::as_str) {
+        Some("won") => deal.set_status(DealStatus::Won),
+        Some("lost") => deal.set_status(DealStatus::Lost),
+        Some("open") => deal.set_status(DealStatus::Open),
+        _ => {}
+    }
+    deal.lost_reason = if deal.status() == DealStatus::Lost {
+        data.get("lost_reason")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        String::new()
+    };
+    for (key, field) in [
+        ("stage_id", &mut deal.stage_id),
+        ("pipeline_id", &mut deal.pipeline_id),
+    ] {
+        if let Some(serde_json::Value::Number(id)) = data.get(key) {
+            *field = id.to_string();
+        }
+    }
+    if deal == before {
+        return Ok(());
+    }
+    deal.updated_at = Some(crate::ingest::timestamp(now));
+    sqlx::query("UPDATE deals SET body = $1, updated_at = $2 WHERE id = $3")
+        .bind(deal.encode_to_vec())
+        .bind(now)
+        .bind(&deal_id)
+        .execute(&mut **transaction)
+        .await?;
+    sqlx::query(
+        "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
+         next_attempt_at, created_at, updated_at, state, attempts, last_error) \
+         VALUES ($1, $2, 'hana', 'upsert_deal', 'deal', $3, $4, $5, $5, $5, 'pending', 0, '')",
+    )
+    .bind(new_id("job"))
+    .bind(event_id)
+    .bind(&deal_id)
+    .bind(trace_context)
+    .bind(now)
+    .execute(&mut **transaction)
+    .await?;
+    tracing::info!(deal = %deal_id, pipedrive_deal = %remote_id, "pipedrive deal change goes back to hana");
+    Ok(())
+}
+
 /// The body kept for an event: as received, or for a poll the record's state as JSON.
 fn stored_body(request: &IngestPipedriveEventRequest) -> Vec<u8> {
     if !request.raw_body.is_empty() {
@@ -169,6 +259,9 @@ pub async fn ingest_pipedrive(
     .fetch_optional(&mut *transaction)
     .await?;
     let outcome = if inserted.is_some() {
+        if request.entity.trim() == "deal" && matches!(request.action.trim(), "create" | "change") {
+            follow_deal_change(&mut transaction, request, &id, trace_context, received_at).await?;
+        }
         IngestOutcome {
             event_id: id,
             duplicate: false,
