@@ -65,6 +65,7 @@ const DELETED_IN_HANA: &str = "deleted in Hana";
 #[derive(Clone, Debug)]
 struct Claimed {
     id: String,
+    event_id: String,
     target: System,
     operation: JobOperation,
     entity_id: String,
@@ -178,7 +179,7 @@ impl JobRunner {
             .map(|index| format!("${}", index + 2))
             .collect();
         let sql = format!(
-            "SELECT seq, id, target, operation, entity_id, attempts FROM jobs j \
+            "SELECT seq, id, event_id, target, operation, entity_id, attempts FROM jobs j \
              WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target IN ({}) \
              AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.target = j.target AND k.entity_id = j.entity_id \
                              AND k.seq < j.seq AND k.state IN ('pending', 'running')) \
@@ -195,6 +196,7 @@ impl JobRunner {
             let seq: i64 = row.try_get("seq")?;
             let job = Claimed {
                 id: row.try_get("id")?,
+                event_id: row.try_get("event_id")?,
                 target: system_from_name(row.try_get::<String, _>("target")?.as_str()),
                 operation: Operation::from_name(row.try_get::<String, _>("operation")?.as_str()),
                 entity_id: row.try_get("entity_id")?,
@@ -369,63 +371,19 @@ impl JobRunner {
 
     async fn finish(&self, job: &Claimed, finished: Finished) -> Result<(), IngestError> {
         let now = now_ms();
-        let mut transaction = self.store.pool().begin().await?;
-        let (state, next_at, error) = match finished {
-            Finished::Done { refs, closes, note } => {
-                let (lead_id, deal_id) = self.entities_of(job).await?;
-                for link in refs {
-                    let entity = match link.kind() {
-                        RemoteKind::HanaLead
-                        | RemoteKind::PipedrivePerson
-                        | RemoteKind::SalesmanLead => lead_id.as_deref().map(|id| ("lead", id)),
-                        RemoteKind::HanaOpportunity
-                        | RemoteKind::PipedriveDeal
-                        | RemoteKind::PipedriveActivity => {
-                            deal_id.as_deref().map(|id| ("deal", id))
-                        }
-                        RemoteKind::Unspecified => None,
-                    };
-                    let Some((entity_type, entity_id)) = entity else {
-                        continue;
-                    };
-                    let kind = crate::queries::remote_kind_name(link.kind());
-                    if closes {
-                        sqlx::query(
-                            "UPDATE links SET closed_at = $1 WHERE entity_type = $2 AND entity_id = $3 \
-                             AND system = $4 AND kind = $5 AND closed_at IS NULL",
-                        )
-                        .bind(now)
-                        .bind(entity_type)
-                        .bind(entity_id)
-                        .bind(system_name(link.system()))
-                        .bind(kind)
-                        .execute(&mut *transaction)
-                        .await?;
-                    } else {
-                        sqlx::query(
-                            "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (entity_type, entity_id, system, kind) \
-                             DO UPDATE SET remote_id = excluded.remote_id, closed_at = NULL",
-                        )
-                        .bind(entity_type)
-                        .bind(entity_id)
-                        .bind(system_name(link.system()))
-                        .bind(kind)
-                        .bind(&link.remote_id)
-                        .bind(now)
-                        .execute(&mut *transaction)
-                        .await?;
-                    }
-                }
-                ("done", now, note)
-            }
-            Finished::Retry { at_ms, error } => ("pending", at_ms, error),
-            Finished::Dead(error) => ("dead", now, error),
+        let (state, next_at, error) = match &finished {
+            Finished::Done { note, .. } => ("done", now, note.clone()),
+            Finished::Retry { at_ms, error } => ("pending", *at_ms, error.clone()),
+            Finished::Dead(error) => ("dead", now, error.clone()),
         };
         if state != "done" {
             tracing::warn!(job = %job.id, target = system_name(job.target), state, error, "sync job failed");
         }
-        sqlx::query(
+        let (lead_id, deal_id) = self.entities_of(job).await?;
+        let mut transaction = self.store.pool().begin().await?;
+        // A write first: on SQLite it takes the write lock at once, where a read first would
+        // have to upgrade its lock and could fail when another writer committed in between.
+        let still_ours = sqlx::query(
             "UPDATE jobs SET state = $1, attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
              updated_at = $4 WHERE id = $5 AND state = 'running'",
         )
@@ -435,7 +393,79 @@ impl JobRunner {
         .bind(now)
         .bind(&job.id)
         .execute(&mut *transaction)
-        .await?;
+        .await?
+        .rows_affected();
+        if still_ours != 1 {
+            // The lease expired and another runner took the job: its outcome counts.
+            return Ok(());
+        }
+        if let Finished::Done { refs, closes, .. } = finished {
+            let mut linked_anew = std::collections::BTreeSet::new();
+            for link in refs {
+                let entity = match link.kind() {
+                    RemoteKind::HanaLead
+                    | RemoteKind::PipedrivePerson
+                    | RemoteKind::SalesmanLead => lead_id.as_deref().map(|id| ("lead", id)),
+                    RemoteKind::HanaOpportunity
+                    | RemoteKind::PipedriveDeal
+                    | RemoteKind::PipedriveActivity => deal_id.as_deref().map(|id| ("deal", id)),
+                    RemoteKind::Unspecified => None,
+                };
+                let Some((entity_type, entity_id)) = entity else {
+                    continue;
+                };
+                let kind = crate::queries::remote_kind_name(link.kind());
+                let system = system_name(link.system());
+                if closes {
+                    sqlx::query(
+                        "UPDATE links SET closed_at = $1 WHERE entity_type = $2 AND entity_id = $3 \
+                         AND system = $4 AND kind = $5 AND closed_at IS NULL",
+                    )
+                    .bind(now)
+                    .bind(entity_type)
+                    .bind(entity_id)
+                    .bind(system)
+                    .bind(kind)
+                    .execute(&mut *transaction)
+                    .await?;
+                    continue;
+                }
+                let known: Option<String> = sqlx::query_scalar(
+                    "SELECT remote_id FROM links WHERE entity_type = $1 AND entity_id = $2 \
+                     AND system = $3 AND kind = $4 AND closed_at IS NULL",
+                )
+                .bind(entity_type)
+                .bind(entity_id)
+                .bind(system)
+                .bind(kind)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                if known.as_deref() != Some(link.remote_id.as_str())
+                    && link.system() != System::Hana
+                {
+                    linked_anew.insert((entity_type, entity_id.to_owned()));
+                }
+                sqlx::query(
+                    "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (entity_type, entity_id, system, kind) \
+                     DO UPDATE SET remote_id = excluded.remote_id, closed_at = NULL",
+                )
+                .bind(entity_type)
+                .bind(entity_id)
+                .bind(system)
+                .bind(kind)
+                .bind(&link.remote_id)
+                .bind(now)
+                .execute(&mut *transaction)
+                .await?;
+            }
+            if self.adapters.contains_key(&System::Hana) {
+                for (entity_type, entity_id) in linked_anew {
+                    queue_hana_write_back(&mut transaction, job, entity_type, &entity_id, now)
+                        .await?;
+                }
+            }
+        }
         transaction.commit().await?;
         Ok(())
     }
@@ -460,6 +490,48 @@ impl JobRunner {
             }
         }
     }
+}
+
+/// Queues the write-back of new remote ids into the Hana record of an entity that came from
+/// Hana.
+async fn queue_hana_write_back(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    job: &Claimed,
+    entity_type: &str,
+    entity_id: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let from_hana = sqlx::query(
+        "SELECT 1 FROM links WHERE entity_type = $1 AND entity_id = $2 AND system = 'hana' \
+         AND closed_at IS NULL",
+    )
+    .bind(entity_type)
+    .bind(entity_id)
+    .fetch_optional(&mut **transaction)
+    .await?
+    .is_some();
+    if !from_hana {
+        return Ok(());
+    }
+    let operation = if entity_type == "lead" {
+        "upsert_lead"
+    } else {
+        "upsert_deal"
+    };
+    sqlx::query(
+        "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
+         next_attempt_at, created_at, updated_at, state, attempts, last_error) \
+         VALUES ($1, $2, 'hana', $3, $4, $5, NULL, $6, $6, $6, 'pending', 0, '')",
+    )
+    .bind(crate::ingest::new_id("job"))
+    .bind(&job.event_id)
+    .bind(operation)
+    .bind(entity_type)
+    .bind(entity_id)
+    .bind(now)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
 }
 
 /// What a failed call means for its job.
@@ -517,6 +589,7 @@ mod tests {
     fn permanent_errors_and_exhausted_retries_are_dead() {
         let job = |attempts| Claimed {
             id: "job_1".to_owned(),
+            event_id: "evt_1".to_owned(),
             target: System::Pipedrive,
             operation: JobOperation::UpsertLead,
             entity_id: "lead_1".to_owned(),
