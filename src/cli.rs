@@ -39,12 +39,38 @@ enum Command {
     Healthcheck(healthcheck::Args),
     /// Applies the database migrations to LEADRELAY_DATABASE_URL and exits.
     Migrate,
+    /// Prints event and job counts by state, and the age of the oldest pending job.
+    Status,
+    /// Lists, retries or replays sync jobs.
+    #[command(subcommand)]
+    Jobs(crate::admin::JobsCommand),
+}
+
+/// The settings an admin command needs (where the orchestrator is), or the exit code of a bad
+/// configuration.
+fn admin_settings() -> Result<Settings, ExitCode> {
+    Settings::from_env().map_err(|error| {
+        eprintln!("error: {error}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 /// Runs the parsed command and returns the process exit code.
 pub(crate) async fn run(cli: Cli) -> ExitCode {
     let service = match cli.command {
         Command::Healthcheck(args) => return healthcheck::run(args).await,
+        Command::Status => {
+            return match admin_settings() {
+                Ok(settings) => crate::admin::status(&settings).await,
+                Err(code) => code,
+            };
+        }
+        Command::Jobs(command) => {
+            return match admin_settings() {
+                Ok(settings) => crate::admin::jobs(&settings, command).await,
+                Err(code) => code,
+            };
+        }
         Command::Up => None,
         Command::Migrate => Some(ServiceKind::Migrate),
         Command::Gateway => Some(ServiceKind::Gateway),

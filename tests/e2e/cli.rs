@@ -143,3 +143,67 @@ async fn healthcheck_exits_zero_only_for_a_serving_service() -> TestResult {
     assert!(String::from_utf8_lossy(&closed.stderr).contains("NOT_REACHABLE"));
     Ok(())
 }
+
+#[tokio::test]
+async fn status_and_jobs_show_and_manage_the_sync_jobs() -> TestResult {
+    let folder = tempfile::tempdir()?;
+    // No adapter is configured: the jobs a webhook implies wait, pending.
+    let up = Up::start(folder.path(), &[])?;
+    let answer = reqwest::Client::new()
+        .post(up.hana_webhook("lead.created"))
+        .body(crate::hana_ingest::SEED_SAMPLE)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    let orchestrator = format!("http://{}", up.addr("orchestrator"));
+    let admin = |args: &[&str]| {
+        leadrelay()
+            .args(args)
+            .env("LEADRELAY_ORCHESTRATOR_URL", &orchestrator)
+            .output()
+    };
+
+    let status = admin(&["status"])?;
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("events        1"), "{text}");
+    assert!(text.contains("salesman   pending           1"), "{text}");
+    assert!(text.contains("pipedrive  pending           1"), "{text}");
+    assert!(text.contains("oldest pending job"), "{text}");
+
+    let listed = admin(&["jobs", "list", "--state", "pending"])?;
+    let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two jobs: {text}");
+    assert!(lines[0].starts_with("JOB"), "{text}");
+    let job_id = lines[1].split_whitespace().next().ok_or("a job id")?;
+    assert!(job_id.starts_with("job_"), "{text}");
+
+    let retried = admin(&["jobs", "retry", job_id])?;
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    assert!(String::from_utf8_lossy(&retried.stdout).contains(job_id));
+    let replayed = admin(&["jobs", "replay", "--target", "salesman"])?;
+    assert_eq!(
+        String::from_utf8_lossy(&replayed.stdout).trim(),
+        "replayed 0 dead job(s)"
+    );
+
+    let wrong = admin(&["jobs", "list", "--state", "stuck"])?;
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("unknown state 'stuck'"));
+    let missing = admin(&["jobs", "retry", "job_missing"])?;
+    assert!(!missing.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr).trim(),
+        "error: no job job_missing"
+    );
+    Ok(())
+}
