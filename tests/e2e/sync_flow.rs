@@ -21,6 +21,20 @@ const SALESMAN_LOGIN: &str = "manager@isaler.ru";
 const SALESMAN_KEY: &str = "sm-flow-key-6e02";
 const SEED_LEAD_ID: &str = "e734c76a-52ca-44f0-a21e8e1fe627c308";
 
+/// `leadrelay up` in `folder` with `env`, on the Postgres database at `database_url` or else on
+/// SQLite in the folder.
+fn start_on(
+    folder: &std::path::Path,
+    database_url: Option<&str>,
+    env: &[(&str, &str)],
+) -> Result<Up, Error> {
+    let mut env = env.to_vec();
+    if let Some(url) = database_url {
+        env.push(("LEADRELAY_DATABASE_URL", url));
+    }
+    Up::start(folder, &env)
+}
+
 async fn seed_lead(orchestrator: &mut OrchestratorServiceClient<Channel>) -> Result<Lead, Error> {
     Ok(orchestrator
         .get_lead(GetLeadRequest {
@@ -42,8 +56,9 @@ fn remote(lead: &Lead, kind: RemoteKind) -> Option<&str> {
         .map(|link| link.remote_id.as_str())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person() -> TestResult {
+async fn the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person(
+    database_url: Option<&str>,
+) -> TestResult {
     let pipedrive_fake = MockServer::start().await;
     pipedrive::mount_every_operation(&pipedrive_fake).await;
     let salesman_fake = MockServer::start().await;
@@ -56,8 +71,9 @@ async fn the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person() -> T
     .await;
     let folder = tempfile::tempdir()?;
     let (pipedrive_url, salesman_url) = (pipedrive_fake.uri(), salesman_fake.uri());
-    let up = Up::start(
+    let up = start_on(
         folder.path(),
+        database_url,
         &[
             ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
             ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
@@ -157,9 +173,9 @@ async fn wait_for_jobs(
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishes_them()
--> TestResult {
+async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishes_them(
+    database_url: Option<&str>,
+) -> TestResult {
     use std::sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -188,8 +204,9 @@ async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishe
     .await;
     let folder = tempfile::tempdir()?;
     let salesman_url = salesman_fake.uri();
-    let up = Up::start(
+    let up = start_on(
         folder.path(),
+        database_url,
         &[
             ("LEADRELAY_SALESMAN_API_URL", salesman_url.as_str()),
             ("LEADRELAY_SALESMAN_LOGIN", SALESMAN_LOGIN),
@@ -251,8 +268,9 @@ async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishe
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket() -> TestResult {
+async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket(
+    database_url: Option<&str>,
+) -> TestResult {
     use serde_json::json;
     use wiremock::{Mock, ResponseTemplate, matchers::method};
 
@@ -271,8 +289,9 @@ async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket() -> TestRes
     let folder = tempfile::tempdir()?;
     let pipedrive_url = pipedrive_fake.uri();
     let hana_url = format!("{}/update", hana_fake.uri());
-    let up = Up::start(
+    let up = start_on(
         folder.path(),
+        database_url,
         &[
             ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
             ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
@@ -354,3 +373,34 @@ async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket() -> TestRes
     );
     Ok(())
 }
+
+/// Declares each flow once per backend.
+macro_rules! on_both_backends {
+    ($($flow:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $flow() -> crate::support::TestResult {
+                    super::$flow(None).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $flow() -> crate::support::TestResult {
+                    let database = leadrelay_testkit::TestDatabase::create("flow").await?;
+                    let result = super::$flow(Some(database.url())).await;
+                    database.drop_database().await?;
+                    result
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person,
+    failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishes_them,
+    a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket,
+);
