@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use leadrelay_pipedrive::client::{PipedriveClient, PipedriveError};
+use leadrelay_testkit::pipedrive::assert_requests_conform;
 use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -65,6 +66,7 @@ async fn the_token_travels_in_the_header_and_data_is_unwrapped() {
     let found: Value = client(&server).await.get("deals/42", &[]).await.unwrap();
     assert_eq!(found["title"], "Deal 42");
     assert_eq!(found["custom_fields"]["f1a2"], "chat");
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -92,6 +94,7 @@ async fn bodies_are_sent_as_json_and_a_200_post_is_success() {
         .await
         .unwrap();
     assert_eq!(created["id"], 9);
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -138,6 +141,7 @@ async fn lists_follow_the_cursor_to_the_end() {
         .map(|deal| deal["id"].as_u64().unwrap())
         .collect();
     assert_eq!(ids, (1..1038).collect::<Vec<_>>());
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -161,6 +165,7 @@ async fn a_wrong_token_is_unauthenticated_with_pipedrive_s_message() {
         "{status:?}"
     );
     assert!(!status.message().contains(TOKEN));
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -179,6 +184,7 @@ async fn the_html_403_page_is_a_block_not_a_permission_error() {
     let status = tonic::Status::from(error);
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("stop calling"), "{status:?}");
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -197,6 +203,7 @@ async fn a_json_403_is_permission_denied() {
         status.message().contains("feature_capping_deals_limit"),
         "{status:?}"
     );
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -213,6 +220,7 @@ async fn a_missing_record_is_not_found() {
     );
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("Deal not found"), "{status:?}");
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -243,6 +251,8 @@ async fn a_schema_validation_400_is_invalid_argument_with_the_field() {
             .contains("Parameter 'value' must be a number [ERR_SCHEMA_VALIDATION_FAILED]"),
         "{status:?}"
     );
+    // This request breaks the document on purpose: it is what makes Pipedrive answer the
+    // schema-validation 400 this test maps.
 }
 
 fn retry_delay(status: &tonic::Status) -> Option<Duration> {
@@ -269,6 +279,7 @@ async fn a_429_with_rate_headers_carries_their_delay() {
     let status = tonic::Status::from(error);
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(retry_delay(&status), Some(Duration::from_secs(2)));
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -277,6 +288,7 @@ async fn a_429_without_headers_waits_one_burst_window() {
     let status = tonic::Status::from(failing_get(&server, ResponseTemplate::new(429)).await);
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(retry_delay(&status), Some(Duration::from_secs(2)));
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -301,6 +313,7 @@ async fn a_spent_daily_budget_is_reported_as_such() {
         "{status:?}"
     );
     assert_eq!(retry_delay(&status), Some(Duration::from_secs(3600)));
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -315,6 +328,7 @@ async fn a_5xx_is_unavailable_and_transient() {
     let status = tonic::Status::from(error);
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("maintenance"), "{status:?}");
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -336,6 +350,7 @@ async fn no_answer_in_time_is_deadline_exceeded() {
         .unwrap_err();
     assert!(matches!(error, PipedriveError::Timeout(_)), "{error:?}");
     assert_eq!(tonic::Status::from(error).code(), Code::DeadlineExceeded);
+    assert_requests_conform(&server, TOKEN).await;
 }
 
 #[tokio::test]
@@ -370,4 +385,5 @@ async fn webhooks_use_the_v1_path_and_its_own_error_shape() {
             .contains("subscription_url: invalid or non-reachable URL"),
         "{status:?}"
     );
+    assert_requests_conform(&server, TOKEN).await;
 }
