@@ -154,7 +154,8 @@ async fn wait_for_jobs(
     check: impl Fn(&[leadrelay_proto::v1::Job]) -> bool,
 ) -> Result<Vec<leadrelay_proto::v1::Job>, Error> {
     let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Long enough for a job failing four times in a row (1 + 2 + 4 + 8 s of backoff).
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let jobs = orchestrator
             .get_event(GetEventRequest {
@@ -403,4 +404,140 @@ on_both_backends!(
     the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person,
     failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishes_them,
     a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket,
+    thirty_percent_failures_still_finish_every_job_and_duplicate_nothing,
 );
+
+/// Fails about one call in three — HTTP 500, or 429 with a 1 s reset — before doing anything,
+/// and otherwise answers with `answer`.
+struct Flaky<F> {
+    calls: std::sync::atomic::AtomicUsize,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    answer: F,
+}
+
+impl<F> wiremock::Respond for Flaky<F>
+where
+    F: Fn(&wiremock::Request) -> wiremock::ResponseTemplate + Send + Sync + 'static,
+{
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        use std::sync::atomic::Ordering;
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        // A fixed pattern, 3 of every 10 calls: the run is the same every time.
+        match call % 10 {
+            1 | 5 => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                wiremock::ResponseTemplate::new(500)
+                    .set_body_json(serde_json::json!({"success": false, "error": "Internal error"}))
+            }
+            8 => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                wiremock::ResponseTemplate::new(429)
+                    .insert_header("x-ratelimit-remaining", "0")
+                    .insert_header("x-ratelimit-reset", "1")
+                    .set_body_json(
+                        serde_json::json!({"success": false, "error": "Request over limit"}),
+                    )
+            }
+            _ => (self.answer)(request),
+        }
+    }
+}
+
+async fn thirty_percent_failures_still_finish_every_job_and_duplicate_nothing(
+    database_url: Option<&str>,
+) -> TestResult {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicUsize, Ordering},
+    };
+
+    use serde_json::json;
+    use wiremock::{Mock, matchers::any};
+
+    const LEADS: usize = 12;
+    let failed = Arc::new(AtomicUsize::new(0));
+    let next_person = Arc::new(AtomicI64::new(100));
+    let pipedrive_fake = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(Flaky {
+            calls: AtomicUsize::new(0),
+            failed: failed.clone(),
+            answer: {
+                let next_person = next_person.clone();
+                move |request: &wiremock::Request| match (
+                    request.method.as_str(),
+                    request.url.path(),
+                ) {
+                    ("GET", "/api/v2/persons/search") => wiremock::ResponseTemplate::new(200)
+                        .set_body_json(
+                            json!({"success": true, "data": {"items": []}, "additional_data": {}}),
+                        ),
+                    ("POST", "/api/v2/persons") => {
+                        let id = next_person.fetch_add(1, Ordering::SeqCst);
+                        wiremock::ResponseTemplate::new(200)
+                            .set_body_json(pipedrive::ok(pipedrive::person(id)))
+                    }
+                    ("GET", "/api/v2/deals" | "/api/v2/activities") => {
+                        wiremock::ResponseTemplate::new(200)
+                            .set_body_json(pipedrive::page(json!([]), None))
+                    }
+                    _ => wiremock::ResponseTemplate::new(404),
+                }
+            },
+        })
+        .mount(&pipedrive_fake)
+        .await;
+    let folder = tempfile::tempdir()?;
+    let pipedrive_url = pipedrive_fake.uri();
+    let up = start_on(
+        folder.path(),
+        database_url,
+        &[
+            ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
+            ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
+            ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let mut events = Vec::new();
+    for number in 0..LEADS {
+        let body = json!({
+            "application": {"id": "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2"},
+            "lead": {
+                "id": {"nomalizeData": format!("lead-{number}"), "rawData": format!("lead-{number}")},
+                "baseName": {"nomalizeData": format!("Lead {number}"), "rawData": format!("Lead {number}")},
+                "baseEmail": {"nomalizeData": format!("lead{number}@example.com"),
+                              "rawData": format!("lead{number}@example.com")}
+            }
+        });
+        let answer: serde_json::Value = http
+            .post(up.hana_webhook("lead.created"))
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        events.push(answer["event_id"].as_str().ok_or("an event id")?.to_owned());
+    }
+    for event_id in &events {
+        wait_for_jobs(&up, event_id, |jobs| {
+            jobs.iter()
+                .filter(|job| job.target() == System::Pipedrive)
+                .all(|job| job.state() == JobState::Done)
+        })
+        .await?;
+    }
+    println!(
+        "{LEADS} leads synced through {} failed calls in {:?}",
+        failed.load(Ordering::SeqCst),
+        started.elapsed()
+    );
+    let created = usize::try_from(next_person.load(Ordering::SeqCst) - 100)?;
+    assert_eq!(created, LEADS, "one person per lead, none twice");
+    assert!(
+        failed.load(Ordering::SeqCst) >= LEADS / 2,
+        "the fake did fail calls"
+    );
+    Ok(())
+}
