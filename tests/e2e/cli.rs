@@ -207,3 +207,55 @@ async fn status_and_jobs_show_and_manage_the_sync_jobs() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn routes_in_the_config_file_decide_the_jobs_and_a_bad_one_stops_start_up() -> TestResult {
+    use leadrelay_proto::v1::{
+        GetEventRequest, System, orchestrator_service_client::OrchestratorServiceClient,
+    };
+
+    let folder = tempfile::tempdir()?;
+    let bad = folder.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[routes]]\nevents = [\"lead.created\"]\ntargets = [\"pipedrive\", \"salesmen\"]\n",
+    )?;
+    let refused = leadrelay()
+        .arg("up")
+        .current_dir(folder.path())
+        .env("LEADRELAY_CONFIG", &bad)
+        .output()?;
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = stderr_lines(&refused);
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    assert!(
+        stderr[0].contains("bad.toml line 3") && stderr[0].contains("unknown target 'salesmen'"),
+        "{stderr:?}"
+    );
+
+    let good = folder.path().join("leadrelay.toml");
+    std::fs::write(
+        &good,
+        "[[routes]]\nevents = [\"lead.created\", \"lead.updated\"]\ntargets = [\"pipedrive\"]\n",
+    )?;
+    let config = good.display().to_string();
+    let up = Up::start(folder.path(), &[("LEADRELAY_CONFIG", config.as_str())])?;
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(up.hana_webhook("lead.created"))
+        .body(crate::hana_ingest::SEED_SAMPLE)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+    let jobs = orchestrator
+        .get_event(GetEventRequest {
+            id: answer["event_id"].as_str().unwrap_or_default().to_owned(),
+        })
+        .await?
+        .into_inner()
+        .jobs;
+    let targets: Vec<System> = jobs.iter().map(|job| job.target()).collect();
+    assert_eq!(targets, vec![System::Pipedrive], "routed to Pipedrive only");
+    Ok(())
+}

@@ -82,11 +82,13 @@ impl From<sqlx::Error> for IngestError {
     }
 }
 
-/// Which calls are accepted.
+/// Which calls are accepted, and where they go.
 #[derive(Clone, Debug, Default)]
 pub struct IngestPolicy {
     /// Hana application ids accepted; empty accepts every application.
     pub hana_application_ids: Vec<String>,
+    /// The config file's routes; empty for the default flows.
+    pub routes: leadrelay_runtime::routes::Routes,
 }
 
 /// The group-commit writer's handle.
@@ -121,6 +123,8 @@ enum Verdict {
         kind: HanaEventKind,
         hana_id: String,
         dedupe_key: String,
+        /// The jobs it implies, as routed.
+        plan: Vec<crate::routes::PlannedJob>,
     },
     /// The call goes to quarantine, for this reason.
     Quarantine(String),
@@ -132,6 +136,13 @@ impl CheckedCall {
             Ok(valid) => Verdict::Accept {
                 kind: valid.kind,
                 dedupe_key: dedupe_key(valid.kind, valid.webhook, &call.raw_body),
+                plan: crate::routes::plan(
+                    valid.kind,
+                    !valid.webhook.conversation_url.is_empty(),
+                    policy
+                        .routes
+                        .targets(&valid.webhook.application_id, valid.kind.event_name()),
+                ),
                 hana_id: valid.hana_id,
             },
             Err(reason) => Verdict::Quarantine(reason),

@@ -50,6 +50,7 @@ pub async fn open_store(settings: &Settings) -> Result<Store, StoreError> {
 pub fn ingest_policy(settings: &Settings) -> IngestPolicy {
     IngestPolicy {
         hana_application_ids: settings.hana.application_ids.clone(),
+        routes: settings.routes.clone(),
     }
 }
 

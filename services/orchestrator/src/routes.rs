@@ -117,6 +117,23 @@ const fn job(system: System, operation: JobOperation) -> PlannedJob {
     }
 }
 
+/// The jobs a Hana event implies: the default flows, kept to `targets` when the config file
+/// routes the event (`None`: no route names it).
+pub fn plan(
+    kind: HanaEventKind,
+    has_conversation_url: bool,
+    targets: Option<&[String]>,
+) -> Vec<PlannedJob> {
+    let jobs = default_plan(kind, has_conversation_url);
+    match targets {
+        None => jobs,
+        Some(targets) => jobs
+            .into_iter()
+            .filter(|job| targets.iter().any(|target| target == job.target.as_str()))
+            .collect(),
+    }
+}
+
 /// The jobs a Hana event implies under the default flows.
 pub fn default_plan(kind: HanaEventKind, has_conversation_url: bool) -> Vec<PlannedJob> {
     match kind {

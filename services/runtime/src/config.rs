@@ -34,7 +34,7 @@ impl ConfigError {
         Self::new(variable, format!("required {why}"))
     }
 
-    fn new(source_name: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(source_name: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             source_name: source_name.into(),
             message: message.into(),
@@ -367,6 +367,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// The configuration file the settings were read from, if any.
     pub config_file: Option<PathBuf>,
+    /// Which systems Hana events go to, from the file's `[[routes]]`; empty for the defaults.
+    pub routes: crate::routes::Routes,
 }
 
 /// One known setting: its environment variable and its key in the file.
@@ -516,9 +518,9 @@ impl Settings {
         let config_file = lookup(CONFIG_FILE_VAR)
             .filter(|path| !path.is_empty())
             .map(PathBuf::from);
-        let mut values = match &config_file {
+        let (mut values, routes) = match &config_file {
             Some(path) => read_file(path)?,
-            None => BTreeMap::new(),
+            None => (BTreeMap::new(), crate::routes::Routes::default()),
         };
         for key in KEYS {
             if let Some(value) = lookup(key.env) {
@@ -534,7 +536,9 @@ impl Settings {
                 }
             }
         }
-        Self::validate(RawSettings { values }, config_file)
+        let mut settings = Self::validate(RawSettings { values }, config_file)?;
+        settings.routes = routes;
+        Ok(settings)
     }
 
     fn validate(mut raw: RawSettings, config_file: Option<PathBuf>) -> Result<Self, ConfigError> {
@@ -617,6 +621,7 @@ impl Settings {
                 service_name: raw.take("OTEL_SERVICE_NAME", parse_nonempty)?,
             },
             config_file,
+            routes: crate::routes::Routes::default(),
         };
         settings.check_pairs()?;
         Ok(settings)
@@ -706,7 +711,10 @@ pub fn loopback_url(listen: SocketAddr) -> String {
 }
 
 /// Reads the file's settings as raw strings, rejecting keys LeadRelay does not know.
-fn read_file(path: &Path) -> Result<BTreeMap<&'static str, RawValue>, ConfigError> {
+/// The settings in the file, and its routes.
+type FileSettings = (BTreeMap<&'static str, RawValue>, crate::routes::Routes);
+
+fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     let origin = format!("{CONFIG_FILE_VAR} ({})", path.display());
     let text = std::fs::read_to_string(path)
         .map_err(|error| ConfigError::new(&origin, format!("cannot read the file: {error}")))?;
@@ -746,7 +754,7 @@ fn read_file(path: &Path) -> Result<BTreeMap<&'static str, RawValue>, ConfigErro
     };
     for (name, value) in &document {
         match value {
-            toml::Value::Table(_) if RESERVED_TABLES.contains(&name.as_str()) => {}
+            _ if RESERVED_TABLES.contains(&name.as_str()) => {}
             toml::Value::Table(table) => {
                 for (inner, inner_value) in table {
                     read_value(Some(name), inner, inner_value)?;
@@ -755,7 +763,8 @@ fn read_file(path: &Path) -> Result<BTreeMap<&'static str, RawValue>, ConfigErro
             _ => read_value(None, name, value)?,
         }
     }
-    Ok(values)
+    let routes = crate::routes::parse(path, &text)?;
+    Ok((values, routes))
 }
 
 #[cfg(test)]
@@ -920,8 +929,9 @@ poll_interval = "30s"
 [listen]
 gateway = ":8081"
 
-[routes]
-anything = "is left to the sync engine"
+[[routes]]
+events = ["lead.created"]
+targets = ["pipedrive"]
 "#,
         )?;
         let path_text = path.display().to_string();
@@ -932,6 +942,10 @@ anything = "is left to the sync engine"
         assert_eq!(settings.database_url.to_string(), "sqlite://state/lr.db");
         assert_eq!(settings.pipedrive.rate_limit.calls, 50);
         assert_eq!(settings.pipedrive.poll_interval, Duration::from_secs(45));
+        assert_eq!(
+            settings.routes.targets("any-app", "lead.created"),
+            Some(&["pipedrive".to_owned()][..])
+        );
         assert_eq!(settings.listen.gateway.port(), 8081);
         std::fs::remove_dir_all(&dir)?;
         Ok(())

@@ -8,6 +8,7 @@ pub mod config;
 pub mod grpc;
 pub mod outbound;
 pub mod propagation;
+pub mod routes;
 pub mod shutdown;
 pub mod telemetry;
 

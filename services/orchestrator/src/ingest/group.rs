@@ -31,6 +31,8 @@ struct Accepted<'a> {
     valid: ValidCall<'a>,
     event_id: String,
     dedupe_key: String,
+    /// The jobs it implies, as routed.
+    plan: &'a [routes::PlannedJob],
 }
 
 impl Accepted<'_> {
@@ -158,9 +160,11 @@ pub(super) async fn commit_group<T: GroupTransaction>(
                     kind,
                     hana_id,
                     dedupe_key,
+                    plan,
                 },
                 Ok(webhook),
             ) => accepted.push(Accepted {
+                plan,
                 index,
                 call: &checked.call,
                 valid: ValidCall {
@@ -620,8 +624,7 @@ async fn insert_jobs<T: GroupTransaction>(
         let Some(entity_id) = entity_ids.get(&call.index) else {
             continue;
         };
-        let has_conversation = !call.valid.webhook.conversation_url.is_empty();
-        for planned in routes::default_plan(call.valid.kind, has_conversation) {
+        for planned in call.plan.iter().copied() {
             jobs.push(NewJob {
                 id: new_id("job"),
                 call,
