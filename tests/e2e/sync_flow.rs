@@ -250,6 +250,20 @@ async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishe
 
     // The cause is fixed; replaying the dead letters finishes the job.
     let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+    let listed = orchestrator
+        .list_jobs(leadrelay_proto::v1::ListJobsRequest {
+            state: JobState::Dead.into(),
+            target: System::Salesman.into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner()
+        .jobs;
+    assert_eq!(
+        listed.iter().map(|job| job.id.as_str()).collect::<Vec<_>>(),
+        vec![dead.id.as_str()]
+    );
     let replayed = orchestrator
         .replay_dead_letters(ReplayDeadLettersRequest {
             target: System::Salesman.into(),
