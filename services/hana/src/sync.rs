@@ -16,7 +16,7 @@ use leadrelay_proto::v1::{
     UpsertDealResponse, UpsertLeadRequest, UpsertLeadResponse,
     crm_sync_service_server::CrmSyncService,
 };
-use leadrelay_runtime::adapter::Credentials;
+use leadrelay_runtime::adapter::{Abilities, Credentials, external_ref, open_link};
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 
@@ -84,10 +84,7 @@ impl HanaSync {
 
 /// The entity's Hana id: its link of `kind`, else its source when that is Hana.
 fn hana_id(refs: &[ExternalRef], source: Option<&SourceRef>, kind: RemoteKind) -> Option<String> {
-    refs.iter()
-        .find(|link| {
-            link.system() == System::Hana && link.kind() == kind && link.closed_at.is_none()
-        })
+    open_link(refs, System::Hana, kind)
         .map(|link| link.remote_id.clone())
         .or_else(|| {
             source
@@ -99,9 +96,7 @@ fn hana_id(refs: &[ExternalRef], source: Option<&SourceRef>, kind: RemoteKind) -
 
 /// The open link of `kind` in `system`, if any.
 fn remote_id(refs: &[ExternalRef], system: System, kind: RemoteKind) -> Option<String> {
-    refs.iter()
-        .find(|link| link.system() == system && link.kind() == kind && link.closed_at.is_none())
-        .map(|link| link.remote_id.clone())
+    open_link(refs, system, kind).map(|link| link.remote_id.clone())
 }
 
 fn status_name(status: DealStatus) -> Option<&'static str> {
@@ -130,38 +125,22 @@ fn outcome_of(attributes: &Map<String, Value>) -> SyncOutcome {
     }
 }
 
-fn hana_ref(kind: RemoteKind, id: String) -> ExternalRef {
-    ExternalRef {
-        system: System::Hana.into(),
-        kind: kind.into(),
-        remote_id: id,
-        linked_at: None,
-        closed_at: None,
-    }
-}
-
 #[tonic::async_trait]
 impl CrmSyncService for HanaSync {
     async fn get_capabilities(
         &self,
         _request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
-        let configured = self.credentials.is_configured() && self.client.is_some();
-        Ok(Response::new(GetCapabilitiesResponse {
-            system: System::Hana.into(),
-            configured,
-            missing_settings: self
-                .credentials
-                .missing()
-                .iter()
-                .map(|name| (*name).to_owned())
-                .collect(),
-            // Hana creates its own leads; LeadRelay only writes back into them.
-            creates_leads: false,
-            updates_leads: configured,
-            syncs_deals: configured,
-            adds_activities: false,
-        }))
+        // Hana creates its own leads; LeadRelay only writes back into them.
+        Ok(Response::new(self.credentials.capabilities(
+            System::Hana,
+            self.client.is_some(),
+            Abilities {
+                updates_leads: true,
+                syncs_deals: true,
+                ..Abilities::default()
+            },
+        )))
     }
 
     async fn upsert_lead(
@@ -201,7 +180,7 @@ impl CrmSyncService for HanaSync {
         }
         Ok(Response::new(UpsertLeadResponse {
             outcome: outcome.into(),
-            refs: vec![hana_ref(RemoteKind::HanaLead, id)],
+            refs: vec![external_ref(System::Hana, RemoteKind::HanaLead, &id)],
         }))
     }
 
@@ -269,7 +248,7 @@ impl CrmSyncService for HanaSync {
         }
         Ok(Response::new(UpsertDealResponse {
             outcome: outcome.into(),
-            refs: vec![hana_ref(RemoteKind::HanaOpportunity, id)],
+            refs: vec![external_ref(System::Hana, RemoteKind::HanaOpportunity, &id)],
         }))
     }
 

@@ -23,7 +23,7 @@ use leadrelay_proto::v1::{
     UpsertDealResponse, UpsertLeadRequest, UpsertLeadResponse,
     crm_sync_service_server::CrmSyncService,
 };
-use leadrelay_runtime::adapter::Credentials;
+use leadrelay_runtime::adapter::{Abilities, Credentials, external_ref, open_link};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 use tonic::{Request, Response, Status};
@@ -61,21 +61,13 @@ impl PipedriveSync {
 
 /// The open link of `kind` among `refs`, as a Pipedrive id.
 fn linked(refs: &[ExternalRef], kind: RemoteKind) -> Option<i64> {
-    refs.iter()
-        .filter(|link| link.system() == System::Pipedrive && link.kind() == kind)
-        .filter(|link| link.closed_at.is_none())
-        .find_map(|link| link.remote_id.trim().parse().ok())
+    open_link(refs, System::Pipedrive, kind)
+        .and_then(|link| link.remote_id.trim().parse().ok())
         .filter(|id: &i64| *id > 0)
 }
 
-fn external_ref(kind: RemoteKind, id: i64) -> ExternalRef {
-    ExternalRef {
-        system: System::Pipedrive.into(),
-        kind: kind.into(),
-        remote_id: id.to_string(),
-        linked_at: None,
-        closed_at: None,
-    }
+fn pipedrive_ref(kind: RemoteKind, id: i64) -> ExternalRef {
+    external_ref(System::Pipedrive, kind, &id)
 }
 
 /// Whether `field` is to be synced: every field when the caller named none.
@@ -357,21 +349,16 @@ impl CrmSyncService for PipedriveSync {
         &self,
         _request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
-        let configured = self.credentials.is_configured() && self.api.is_some();
-        Ok(Response::new(GetCapabilitiesResponse {
-            system: System::Pipedrive.into(),
-            configured,
-            missing_settings: self
-                .credentials
-                .missing()
-                .iter()
-                .map(|name| (*name).to_owned())
-                .collect(),
-            creates_leads: configured,
-            updates_leads: configured,
-            syncs_deals: configured,
-            adds_activities: configured,
-        }))
+        Ok(Response::new(self.credentials.capabilities(
+            System::Pipedrive,
+            self.api.is_some(),
+            Abilities {
+                creates_leads: true,
+                updates_leads: true,
+                syncs_deals: true,
+                adds_activities: true,
+            },
+        )))
     }
 
     async fn upsert_lead(
@@ -394,7 +381,7 @@ impl CrmSyncService for PipedriveSync {
         let (id, outcome) = sync_person(api, link, &contact, Some(&request.changed_fields)).await?;
         Ok(Response::new(UpsertLeadResponse {
             outcome: outcome.into(),
-            refs: vec![external_ref(RemoteKind::PipedrivePerson, id)],
+            refs: vec![pipedrive_ref(RemoteKind::PipedrivePerson, id)],
         }))
     }
 
@@ -409,7 +396,7 @@ impl CrmSyncService for PipedriveSync {
             .into_inner()
             .lead
             .and_then(|lead| linked(&lead.external_refs, RemoteKind::PipedrivePerson))
-            .map(|id| vec![external_ref(RemoteKind::PipedrivePerson, id)])
+            .map(|id| vec![pipedrive_ref(RemoteKind::PipedrivePerson, id)])
             .unwrap_or_default();
         Ok(Response::new(DeleteLeadResponse {
             outcome: SyncOutcome::NotSupported.into(),
@@ -454,7 +441,7 @@ impl CrmSyncService for PipedriveSync {
         } else {
             // The deal's sync does not rewrite the contact: only a missing person is created.
             let (id, _) = sync_person(api, person_link, &contact, None).await?;
-            refs.push(external_ref(RemoteKind::PipedrivePerson, id));
+            refs.push(pipedrive_ref(RemoteKind::PipedrivePerson, id));
             Some(id)
         };
         let fields = deal_fields(&deal, person_id)?;
@@ -468,7 +455,7 @@ impl CrmSyncService for PipedriveSync {
         };
         let outcome = match current {
             Some((id, current)) => {
-                refs.push(external_ref(RemoteKind::PipedriveDeal, id));
+                refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, id));
                 let patch = deal_patch(&current, fields, &request.changed_fields);
                 if patch.is_empty() {
                     SyncOutcome::Unchanged
@@ -482,7 +469,7 @@ impl CrmSyncService for PipedriveSync {
             }
             None => {
                 let created: WireDeal = api.client().send(Method::POST, "deals", &fields).await?;
-                refs.push(external_ref(RemoteKind::PipedriveDeal, created.id.0));
+                refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, created.id.0));
                 SyncOutcome::Created
             }
         };
@@ -518,7 +505,7 @@ impl CrmSyncService for PipedriveSync {
             Err(PipedriveError::NotFound { .. }) => {
                 return Ok(Response::new(DeleteDealResponse {
                     outcome: SyncOutcome::Unchanged.into(),
-                    refs: vec![external_ref(RemoteKind::PipedriveDeal, id)],
+                    refs: vec![pipedrive_ref(RemoteKind::PipedriveDeal, id)],
                 }));
             }
             Err(error) => return Err(error.into()),
@@ -535,7 +522,7 @@ impl CrmSyncService for PipedriveSync {
         };
         Ok(Response::new(DeleteDealResponse {
             outcome: outcome.into(),
-            refs: vec![external_ref(RemoteKind::PipedriveDeal, id)],
+            refs: vec![pipedrive_ref(RemoteKind::PipedriveDeal, id)],
         }))
     }
 
@@ -583,7 +570,7 @@ impl CrmSyncService for PipedriveSync {
         }) {
             return Ok(Response::new(AddActivityResponse {
                 outcome: SyncOutcome::Unchanged.into(),
-                refs: vec![external_ref(RemoteKind::PipedriveActivity, found.id.0)],
+                refs: vec![pipedrive_ref(RemoteKind::PipedriveActivity, found.id.0)],
             }));
         }
         let kind = match activity.r#type.trim() {
@@ -636,7 +623,7 @@ impl CrmSyncService for PipedriveSync {
         let created: WireActivity = api.client().send(Method::POST, "activities", &body).await?;
         Ok(Response::new(AddActivityResponse {
             outcome: SyncOutcome::Created.into(),
-            refs: vec![external_ref(RemoteKind::PipedriveActivity, created.id.0)],
+            refs: vec![pipedrive_ref(RemoteKind::PipedriveActivity, created.id.0)],
         }))
     }
 }

@@ -20,7 +20,7 @@ use leadrelay_proto::{
         crm_sync_service_server::CrmSyncService,
     },
 };
-use leadrelay_runtime::adapter::Credentials;
+use leadrelay_runtime::adapter::{Abilities, Credentials, external_ref, open_link};
 use tonic::{Request, Response, Status};
 
 use crate::client::{Direction, ListFilter, SalesManClient};
@@ -77,25 +77,16 @@ impl SalesManSync {
 }
 
 fn linked(lead: &Lead) -> Option<ExternalRef> {
-    lead.external_refs
-        .iter()
-        .find(|link| {
-            link.system() == System::Salesman
-                && link.kind() == RemoteKind::SalesmanLead
-                && link.closed_at.is_none()
-                && !link.remote_id.trim().is_empty()
-        })
-        .cloned()
+    open_link(
+        &lead.external_refs,
+        System::Salesman,
+        RemoteKind::SalesmanLead,
+    )
+    .cloned()
 }
 
 fn lead_ref(id: i64) -> ExternalRef {
-    ExternalRef {
-        system: System::Salesman.into(),
-        kind: RemoteKind::SalesmanLead.into(),
-        remote_id: id.to_string(),
-        linked_at: None,
-        closed_at: None,
-    }
+    external_ref(System::Salesman, RemoteKind::SalesmanLead, &id)
 }
 
 /// The `add` request a canonical lead becomes.
@@ -132,22 +123,15 @@ impl CrmSyncService for SalesManSync {
         &self,
         _request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
-        let configured = self.credentials.is_configured() && self.client.is_some();
-        Ok(Response::new(GetCapabilitiesResponse {
-            system: System::Salesman.into(),
-            configured,
-            missing_settings: self
-                .credentials
-                .missing()
-                .iter()
-                .map(|name| (*name).to_owned())
-                .collect(),
-            creates_leads: configured,
-            // The leads API v1 has no update, and no deals or activities.
-            updates_leads: false,
-            syncs_deals: false,
-            adds_activities: false,
-        }))
+        // The leads API v1 adds leads; it has no update, and no deals or activities.
+        Ok(Response::new(self.credentials.capabilities(
+            System::Salesman,
+            self.client.is_some(),
+            Abilities {
+                creates_leads: true,
+                ..Abilities::default()
+            },
+        )))
     }
 
     async fn upsert_lead(
