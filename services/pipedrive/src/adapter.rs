@@ -84,6 +84,21 @@ impl PipedriveApi {
         &self.client
     }
 
+    /// Persons whose `field` ("email" or "phone") is exactly `term`, best match first.
+    pub(crate) async fn search_persons(
+        &self,
+        field: &str,
+        term: String,
+    ) -> Result<Vec<WirePerson>, PipedriveError> {
+        let query = [
+            ("term", term),
+            ("fields", field.to_owned()),
+            ("exact_match", "true".to_owned()),
+        ];
+        let found: PersonSearch = self.client.get("persons/search", &query).await?;
+        Ok(found.items.into_iter().map(|result| result.item).collect())
+    }
+
     /// Refuses `kind` unless it is one of the account's active activity types.
     pub(crate) async fn check_activity_type(&self, kind: &str) -> Result<(), Status> {
         let mut known = self.activity_types.lock().await;
@@ -220,6 +235,16 @@ fn currency(code: &str) -> Result<Value, Status> {
 fn put_id(body: &mut Map<String, Value>, key: &str, id: i64) {
     if id > 0 {
         body.insert(key.to_owned(), json!(id));
+    }
+}
+
+/// Puts `fields` under `custom_fields` when there are any (keyed by the account's field keys).
+fn put_custom_fields(body: &mut Map<String, Value>, fields: Option<&prost_types::Struct>) {
+    if let Some(fields) = fields.filter(|fields| !fields.fields.is_empty()) {
+        body.insert(
+            "custom_fields".to_owned(),
+            Value::Object(from_proto_struct(fields)),
+        );
     }
 }
 
@@ -370,14 +395,7 @@ impl PipedriveAdapterService for PipedriveAdapter {
         if !request.label_ids.is_empty() {
             body.insert("label_ids".to_owned(), json!(request.label_ids));
         }
-        if let Some(fields) = &request.custom_fields
-            && !fields.fields.is_empty()
-        {
-            body.insert(
-                "custom_fields".to_owned(),
-                Value::Object(from_proto_struct(fields)),
-            );
-        }
+        put_custom_fields(&mut body, request.custom_fields.as_ref());
         let deal: WireDeal = send(api, Method::POST, "deals", &body).await?;
         Ok(Response::new(AddDealResponse {
             deal: deal_of(deal),
@@ -443,14 +461,7 @@ impl PipedriveAdapterService for PipedriveAdapter {
         if let Some(visible_to) = request.visible_to {
             body.insert("visible_to".to_owned(), visibility(visible_to)?);
         }
-        if let Some(fields) = &request.custom_fields
-            && !fields.fields.is_empty()
-        {
-            body.insert(
-                "custom_fields".to_owned(),
-                Value::Object(from_proto_struct(fields)),
-            );
-        }
+        put_custom_fields(&mut body, request.custom_fields.as_ref());
         if body.is_empty() {
             return Err(Status::invalid_argument(
                 "nothing to change: set at least one field",
@@ -666,18 +677,9 @@ impl PipedriveAdapterService for PipedriveAdapter {
                 ));
             }
         };
-        let query = [
-            ("term", term),
-            ("fields", field.to_owned()),
-            ("exact_match", "true".to_owned()),
-        ];
-        let found: PersonSearch = api.client.get("persons/search", &query).await?;
+        let found = api.search_persons(field, term).await?;
         Ok(Response::new(SearchPersonsResponse {
-            persons: found
-                .items
-                .into_iter()
-                .map(|result| result.item.into())
-                .collect(),
+            persons: found.into_iter().map(Into::into).collect(),
         }))
     }
 
@@ -704,14 +706,7 @@ impl PipedriveAdapterService for PipedriveAdapter {
         if request.visible_to != 0 {
             body.insert("visible_to".to_owned(), visibility(request.visible_to)?);
         }
-        if let Some(fields) = &request.custom_fields
-            && !fields.fields.is_empty()
-        {
-            body.insert(
-                "custom_fields".to_owned(),
-                Value::Object(from_proto_struct(fields)),
-            );
-        }
+        put_custom_fields(&mut body, request.custom_fields.as_ref());
         let person: WirePerson = send(api, Method::POST, "persons", &body).await?;
         Ok(Response::new(CreatePersonResponse {
             person: Some(person.into()),
@@ -744,14 +739,7 @@ impl PipedriveAdapterService for PipedriveAdapter {
                 json!(positive(owner_id, "owner_id")?),
             );
         }
-        if let Some(fields) = &request.custom_fields
-            && !fields.fields.is_empty()
-        {
-            body.insert(
-                "custom_fields".to_owned(),
-                Value::Object(from_proto_struct(fields)),
-            );
-        }
+        put_custom_fields(&mut body, request.custom_fields.as_ref());
         if body.is_empty() {
             return Err(Status::invalid_argument(
                 "nothing to change: set at least one field",

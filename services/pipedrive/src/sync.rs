@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     adapter::{PipedriveApi, amount, contacts},
     client::PipedriveError,
-    wire::{PersonSearch, WireActivity, WireDeal, WirePerson},
+    wire::{WireActivity, WireDeal, WirePerson},
 };
 
 /// The reason a deal deleted at its source is marked lost with, when the request gives none.
@@ -230,14 +230,8 @@ async fn find_person(api: &PipedriveApi, contact: &Contact) -> Result<Option<Wir
         .map(|email| ("email", email.clone()))
         .chain(contact.phones.iter().map(|phone| ("phone", phone.clone())));
     for (field, term) in terms {
-        let query = [
-            ("term", term),
-            ("fields", field.to_owned()),
-            ("exact_match", "true".to_owned()),
-        ];
-        let found: PersonSearch = api.client().get("persons/search", &query).await?;
-        if let Some(first) = found.items.into_iter().next() {
-            return Ok(Some(first.item));
+        if let Some(first) = api.search_persons(field, term).await?.into_iter().next() {
+            return Ok(Some(first));
         }
     }
     Ok(None)
