@@ -35,6 +35,22 @@ fn start_on(
     Up::start(folder, &env)
 }
 
+/// Posts a Hana webhook for `event`; returns the id of the stored event.
+async fn post_hana(up: &Up, event: &str, body: String) -> Result<String, Error> {
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(up.hana_webhook(event))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(answer["event_id"]
+        .as_str()
+        .ok_or_else(|| format!("no event id in {answer}"))?
+        .to_owned())
+}
+
 async fn seed_lead(orchestrator: &mut OrchestratorServiceClient<Channel>) -> Result<Lead, Error> {
     Ok(orchestrator
         .get_lead(GetLeadRequest {
@@ -84,15 +100,7 @@ async fn the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person(
             ("LEADRELAY_SALESMAN_POLL_INTERVAL", "1h"),
         ],
     )?;
-    let answer: serde_json::Value = reqwest::Client::new()
-        .post(up.hana_webhook("lead.created"))
-        .header("content-type", "application/json")
-        .body(SEED_SAMPLE)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let event_id = answer["event_id"].as_str().ok_or("an event id")?.to_owned();
+    let event_id = post_hana(&up, "lead.created", SEED_SAMPLE.to_owned()).await?;
 
     let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -215,15 +223,7 @@ async fn failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishe
             ("LEADRELAY_SALESMAN_POLL_INTERVAL", "1h"),
         ],
     )?;
-    let answer: serde_json::Value = reqwest::Client::new()
-        .post(up.hana_webhook("lead.created"))
-        .header("content-type", "application/json")
-        .body(SEED_SAMPLE)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let event_id = answer["event_id"].as_str().ok_or("an event id")?.to_owned();
+    let event_id = post_hana(&up, "lead.created", SEED_SAMPLE.to_owned()).await?;
     let salesman_job = |jobs: &[leadrelay_proto::v1::Job]| {
         jobs.iter()
             .find(|job| job.target() == System::Salesman)
@@ -326,14 +326,7 @@ async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket(
             "baseName": {"nomalizeData": "Deal 5", "rawData": "Deal 5"}
         }
     });
-    let answer: serde_json::Value = http
-        .post(up.hana_webhook("ticket.created"))
-        .json(&ticket)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let event_id = answer["event_id"].as_str().ok_or("an event id")?.to_owned();
+    let event_id = post_hana(&up, "ticket.created", ticket.to_string()).await?;
     wait_for_jobs(&up, &event_id, |jobs| {
         !jobs.is_empty() && jobs.iter().all(|job| job.state() == JobState::Done)
     })
@@ -512,7 +505,6 @@ async fn thirty_percent_failures_still_finish_every_job_and_duplicate_nothing(
             ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
         ],
     )?;
-    let http = reqwest::Client::new();
     let started = Instant::now();
     let mut events = Vec::new();
     for number in 0..LEADS {
@@ -525,14 +517,7 @@ async fn thirty_percent_failures_still_finish_every_job_and_duplicate_nothing(
                               "rawData": format!("lead{number}@example.com")}
             }
         });
-        let answer: serde_json::Value = http
-            .post(up.hana_webhook("lead.created"))
-            .json(&body)
-            .send()
-            .await?
-            .json()
-            .await?;
-        events.push(answer["event_id"].as_str().ok_or("an event id")?.to_owned());
+        events.push(post_hana(&up, "lead.created", body.to_string()).await?);
     }
     for event_id in &events {
         wait_for_jobs(&up, event_id, |jobs| {

@@ -2,6 +2,8 @@
 //! expects what the Hana developer document shows: `POST`, `Authorization: Bearer <token>`, JSON
 //! `{"lead": {"id": …, <attribute>: <plain value>}}` or `{"opportunity": {…}}`.
 
+mod common;
+
 use std::collections::HashMap;
 
 use leadrelay_proto::{
@@ -11,10 +13,7 @@ use leadrelay_proto::{
     },
     json::to_proto_value,
 };
-use leadrelay_runtime::Settings;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
 use wiremock::{
     Mock, MockServer, ResponseTemplate,
@@ -24,22 +23,9 @@ use wiremock::{
 const TOKEN: &str = "hana-access-token-7f31";
 
 async fn serve_adapter(server: &MockServer) -> HanaAdapterServiceClient<Channel> {
-    let vars: HashMap<&str, String> = HashMap::from([
-        (
-            "LEADRELAY_HANA_API_URL",
-            format!("{}/partner/update", server.uri()),
-        ),
-        ("LEADRELAY_HANA_ACCESS_TOKEN", TOKEN.to_owned()),
-    ]);
-    let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let address = listener.local_addr().expect("its address");
-    tokio::spawn(async move {
-        leadrelay_hana::serve(&settings, listener, CancellationToken::new()).await
-    });
-    HanaAdapterServiceClient::connect(format!("http://{address}"))
-        .await
-        .expect("the adapter answers")
+    HanaAdapterServiceClient::new(
+        common::serve(format!("{}/partner/update", server.uri()), TOKEN).await,
+    )
 }
 
 fn attributes(values: Value) -> HashMap<String, prost_types::Value> {

@@ -2,17 +2,14 @@
 //! into the Hana lead and ticket; what Hana's API cannot do is answered NOT_SUPPORTED without a
 //! call.
 
-use std::collections::HashMap;
+mod common;
 
 use leadrelay_proto::v1::{
     Deal, DealStatus, DeleteDealRequest, ExternalRef, GetCapabilitiesRequest, Lead, RemoteKind,
     SourceRef, SyncOutcome, System, UpsertDealRequest, UpsertLeadRequest,
     crm_sync_service_client::CrmSyncServiceClient,
 };
-use leadrelay_runtime::Settings;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use wiremock::{
     Mock, MockServer, ResponseTemplate,
@@ -22,19 +19,7 @@ use wiremock::{
 const TOKEN: &str = "hana-sync-token-b4c2";
 
 async fn serve_sync(server: &MockServer) -> CrmSyncServiceClient<Channel> {
-    let vars: HashMap<&str, String> = HashMap::from([
-        ("LEADRELAY_HANA_API_URL", format!("{}/update", server.uri())),
-        ("LEADRELAY_HANA_ACCESS_TOKEN", TOKEN.to_owned()),
-    ]);
-    let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let address = listener.local_addr().expect("its address");
-    tokio::spawn(async move {
-        leadrelay_hana::serve(&settings, listener, CancellationToken::new()).await
-    });
-    CrmSyncServiceClient::connect(format!("http://{address}"))
-        .await
-        .expect("the adapter answers")
+    CrmSyncServiceClient::new(common::serve(format!("{}/update", server.uri()), TOKEN).await)
 }
 
 fn link(system: System, kind: RemoteKind, id: &str) -> ExternalRef {

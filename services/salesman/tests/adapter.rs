@@ -3,18 +3,17 @@
 //! errors at HTTP 200 (some without a `result` key), strings for every value, Cyrillic text, and
 //! "not found" for an empty page.
 
+mod common;
+
 use std::collections::HashMap;
 
 use leadrelay_proto::salesman::v1::{
     AddLeadRequest, GetLeadRequest, GetLeadStatsRequest, LeadResult, LeadStatus, ListLeadsRequest,
     sales_man_adapter_service_client::SalesManAdapterServiceClient,
 };
-use leadrelay_runtime::Settings;
 use leadrelay_testkit::salesman::{self, Seen, v1};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
 use wiremock::{MockServer, ResponseTemplate};
 
@@ -42,20 +41,7 @@ async fn serve_adapter_as(
     login: &str,
     api_key: &str,
 ) -> SalesManAdapterServiceClient<Channel> {
-    let vars: HashMap<&str, String> = HashMap::from([
-        ("LEADRELAY_SALESMAN_API_URL", server.uri()),
-        ("LEADRELAY_SALESMAN_LOGIN", login.to_owned()),
-        ("LEADRELAY_SALESMAN_API_KEY", api_key.to_owned()),
-    ]);
-    let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let address = listener.local_addr().expect("its address");
-    tokio::spawn(async move {
-        leadrelay_salesman::serve(&settings, listener, CancellationToken::new()).await
-    });
-    SalesManAdapterServiceClient::connect(format!("http://{address}"))
-        .await
-        .expect("the adapter answers")
+    SalesManAdapterServiceClient::new(common::serve(server.uri(), login, api_key).await)
 }
 
 #[tokio::test]

@@ -1,20 +1,16 @@
 //! SalesMan's `CrmSyncService` over real gRPC against the documented fake: a lead is added once,
 //! found by its marker after a lost link, and updates v1 cannot express are reported as such.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+mod common;
+
+use std::sync::{Arc, Mutex};
 
 use leadrelay_proto::v1::{
     DeleteLeadRequest, ExternalRef, GetCapabilitiesRequest, Lead, RemoteKind, SyncOutcome, System,
     UpsertDealRequest, UpsertLeadRequest, crm_sync_service_client::CrmSyncServiceClient,
 };
-use leadrelay_runtime::Settings;
 use leadrelay_testkit::salesman::{self, lead_record, v1};
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use wiremock::MockServer;
 
@@ -22,20 +18,7 @@ const LOGIN: &str = "manager@isaler.ru";
 const API_KEY: &str = "sm-sync-key-8a1c";
 
 async fn serve_sync(server: &MockServer) -> CrmSyncServiceClient<Channel> {
-    let vars: HashMap<&str, String> = HashMap::from([
-        ("LEADRELAY_SALESMAN_API_URL", server.uri()),
-        ("LEADRELAY_SALESMAN_LOGIN", LOGIN.to_owned()),
-        ("LEADRELAY_SALESMAN_API_KEY", API_KEY.to_owned()),
-    ]);
-    let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let address = listener.local_addr().expect("its address");
-    tokio::spawn(async move {
-        leadrelay_salesman::serve(&settings, listener, CancellationToken::new()).await
-    });
-    CrmSyncServiceClient::connect(format!("http://{address}"))
-        .await
-        .expect("the adapter answers")
+    CrmSyncServiceClient::new(common::serve(server.uri(), LOGIN, API_KEY).await)
 }
 
 fn seed_lead(links: Vec<ExternalRef>) -> Lead {
