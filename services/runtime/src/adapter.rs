@@ -1,11 +1,8 @@
-//! What every service shares before its system-specific logic runs: the check that an
-//! adapter's credentials are set, the capabilities it reports, the links it reads and returns,
-//! and the honest answer of an RPC whose logic is not built yet.
+//! What every adapter shares before its system-specific logic runs: the check that its
+//! credentials are set, the capabilities it reports, and the links it reads and returns.
 
 use leadrelay_proto::v1::{ExternalRef, GetCapabilitiesResponse, RemoteKind, System};
-use tonic::{Request, Status};
-
-use crate::grpc::RpcPath;
+use tonic::Status;
 
 /// Whether an adapter's credentials are set, and which variables are missing if not.
 #[derive(Clone, Debug)]
@@ -102,16 +99,6 @@ pub fn external_ref(system: System, kind: RemoteKind, remote_id: &impl ToString)
     }
 }
 
-/// The answer of an RPC whose logic is not built yet: UNIMPLEMENTED naming the RPC, never a fake
-/// success.
-pub fn not_implemented<T>(request: &Request<T>) -> Status {
-    let rpc = request
-        .extensions()
-        .get::<RpcPath>()
-        .map_or("this RPC", RpcPath::rpc);
-    Status::unimplemented(format!("{rpc} is not implemented in this LeadRelay build"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,20 +116,5 @@ mod tests {
             "SalesMan is not configured: set LEADRELAY_SALESMAN_API_URL, LEADRELAY_SALESMAN_API_KEY"
         );
         assert!(Credentials::new("Pipedrive", Vec::new()).require().is_ok());
-    }
-
-    #[test]
-    fn rpcs_not_built_yet_name_themselves() {
-        let mut request = Request::new(());
-        request
-            .extensions_mut()
-            .insert(RpcPath::new("/leadrelay.v1.OrchestratorService/ListJobs"));
-        let status = not_implemented(&request);
-        assert_eq!(status.code(), tonic::Code::Unimplemented);
-        assert!(
-            status
-                .message()
-                .starts_with("leadrelay.v1.OrchestratorService/ListJobs")
-        );
     }
 }

@@ -19,31 +19,6 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
-/// The path of the RPC a server request is for (`/package.Service/Method`), put into every request's
-/// extensions so handlers can name the RPC in their answers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RpcPath(String);
-
-impl RpcPath {
-    /// The path of a request, as in its URI.
-    pub fn new(path: impl Into<String>) -> Self {
-        Self(path.into())
-    }
-
-    /// `package.Service/Method`.
-    pub fn rpc(&self) -> &str {
-        self.0.trim_start_matches('/')
-    }
-}
-
-fn record_rpc_path(
-    mut request: http::Request<tonic::body::Body>,
-) -> http::Request<tonic::body::Body> {
-    let path = RpcPath::new(request.uri().path());
-    request.extensions_mut().insert(path);
-    request
-}
-
 /// A gRPC server could not start or failed while serving.
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcServerError {
@@ -121,7 +96,6 @@ impl GrpcServer {
         let draining = shutdown.clone();
         let serve = Server::builder()
             .layer(TraceLayer::new_for_grpc().make_span_with(ServerSpan::GRPC))
-            .layer(tower::util::MapRequestLayer::new(record_rpc_path))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 draining.cancelled().await;
