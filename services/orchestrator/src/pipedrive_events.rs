@@ -218,7 +218,7 @@ pub async fn ingest_pipedrive(
     let received_at = now_ms();
     let kind = format!("{}.{}", request.entity.trim(), request.action.trim());
     let body = stored_body(request);
-    let mut transaction = store.pool().begin().await?;
+    let mut transaction = store.begin_write().await?;
     if let Some(reason) = unusable(request) {
         let id = new_id("qtn");
         sqlx::query(

@@ -202,7 +202,7 @@ impl JobRunner {
                 entity_id: row.try_get("entity_id")?,
                 attempts: row.try_get("attempts")?,
             };
-            let mut transaction = pool.begin().await?;
+            let mut transaction = self.store.begin_write().await?;
             let taken = sqlx::query(
                 "UPDATE jobs SET state = 'running', updated_at = $1 WHERE id = $2 AND state = 'pending'",
             )
@@ -380,9 +380,7 @@ impl JobRunner {
             tracing::warn!(job = %job.id, target = system_name(job.target), state, error, "sync job failed");
         }
         let (lead_id, deal_id) = self.entities_of(job).await?;
-        let mut transaction = self.store.pool().begin().await?;
-        // A write first: on SQLite it takes the write lock at once, where a read first would
-        // have to upgrade its lock and could fail when another writer committed in between.
+        let mut transaction = self.store.begin_write().await?;
         let still_ours = sqlx::query(
             "UPDATE jobs SET state = $1, attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
              updated_at = $4 WHERE id = $5 AND state = 'running'",

@@ -82,13 +82,8 @@ impl SalesManPoller {
             return Ok(false);
         }
         let lead_id = lead.id.to_string();
-        let mut transaction = self.store.pool().begin().await?;
-        // A write first: on SQLite it takes the write lock at once, where the read below would
-        // otherwise have to upgrade its lock and could fail beside the ingest writer.
-        sqlx::query("UPDATE salesman_lead_status SET seen_at = seen_at WHERE lead_id = $1")
-            .bind(&lead_id)
-            .execute(&mut *transaction)
-            .await?;
+        // It reads the last status, then writes: the write lock is taken up front.
+        let mut transaction = self.store.begin_write().await?;
         let known: Option<String> =
             sqlx::query("SELECT status FROM salesman_lead_status WHERE lead_id = $1")
                 .bind(&lead_id)
