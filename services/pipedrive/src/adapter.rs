@@ -33,8 +33,8 @@ use tonic::{Request, Response, Status};
 use crate::{
     client::{MAX_PAGE, PipedriveClient, PipedriveError},
     wire::{
-        self, PersonSearch, WireActivity, WireActivityType, WireDeal, WirePerson, WireStage,
-        WireWebhook,
+        self, PersonSearch, WireActivity, WireActivityType, WireDeal, WireField, WirePerson,
+        WireStage, WireWebhook,
     },
 };
 
@@ -46,7 +46,12 @@ pub struct PipedriveApi {
     webhook_password: Option<SecretString>,
     /// The account's activity type keys, read once and again when a type is not among them.
     activity_types: tokio::sync::Mutex<Option<Vec<String>>>,
+    /// The key of the deal field that holds LeadRelay's deal id, found or added once.
+    deal_marker_key: tokio::sync::OnceCell<String>,
 }
+
+/// The name of the deal field LeadRelay marks the deals it creates with.
+pub const DEAL_MARKER_FIELD: &str = "LeadRelay deal id";
 
 impl PipedriveApi {
     /// The API as the settings configure it, paced within the configured budget; `None` when
@@ -76,7 +81,36 @@ impl PipedriveApi {
             webhook_user,
             webhook_password,
             activity_types: tokio::sync::Mutex::new(None),
+            deal_marker_key: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The key of the custom deal field [`DEAL_MARKER_FIELD`], added to the account when it is
+    /// not there yet. Read once per process: field keys never change.
+    pub(crate) async fn deal_marker_key(&self) -> Result<&str, PipedriveError> {
+        let key = self
+            .deal_marker_key
+            .get_or_try_init(|| async {
+                let fields: Vec<WireField> = self
+                    .client
+                    .v1::<Vec<WireField>, ()>(Method::GET, "dealFields", None)
+                    .await?
+                    .unwrap_or_default();
+                if let Some(field) = fields.into_iter().find(|f| f.name == DEAL_MARKER_FIELD) {
+                    return Ok(field.key);
+                }
+                let body = json!({"name": DEAL_MARKER_FIELD, "field_type": "varchar"});
+                let added: WireField = self
+                    .client
+                    .v1(Method::POST, "dealFields", Some(&body))
+                    .await?
+                    .ok_or_else(|| {
+                        PipedriveError::Unexpected("adding a deal field returned no field".into())
+                    })?;
+                Ok::<_, PipedriveError>(added.key)
+            })
+            .await?;
+        Ok(key)
     }
 
     /// The REST client.

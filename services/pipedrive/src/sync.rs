@@ -222,6 +222,32 @@ async fn sync_person(
     Ok((id, SyncOutcome::Updated))
 }
 
+/// The deal of `person_id` that carries `canonical_id` in the marker field `key`, with its id.
+/// Listing the person's deals reads what Pipedrive holds now; a search could miss a deal created
+/// seconds ago, before the search index has it.
+async fn find_marked_deal(
+    api: &PipedriveApi,
+    key: &str,
+    canonical_id: &str,
+    person_id: i64,
+) -> Result<Option<(i64, Value)>, Status> {
+    let deals: Vec<Value> = api
+        .client()
+        .list_all(
+            "deals",
+            &[
+                ("person_id", person_id.to_string()),
+                ("custom_fields", key.to_owned()),
+            ],
+        )
+        .await?;
+    Ok(deals.into_iter().find_map(|deal| {
+        let marked = deal.pointer(&format!("/custom_fields/{key}"))? == canonical_id;
+        let id = deal.get("id")?.as_i64()?;
+        marked.then_some((id, deal))
+    }))
+}
+
 /// A person with one of `contact`'s emails, else one of its phones, exactly.
 async fn find_person(api: &PipedriveApi, contact: &Contact) -> Result<Option<WirePerson>, Status> {
     let terms = contact
@@ -438,7 +464,7 @@ impl CrmSyncService for PipedriveSync {
             refs.push(pipedrive_ref(RemoteKind::PipedrivePerson, id));
             Some(id)
         };
-        let fields = deal_fields(&deal, person_id)?;
+        let mut fields = deal_fields(&deal, person_id)?;
         let current = match linked(&deal.external_refs, RemoteKind::PipedriveDeal) {
             Some(id) => match api.client().get::<Value>(&format!("deals/{id}"), &[]).await {
                 Ok(current) => Some((id, current)),
@@ -447,6 +473,19 @@ impl CrmSyncService for PipedriveSync {
             },
             None => None,
         };
+        // Not linked (or gone): a deal this one created earlier, whose link was lost to a crash
+        // or a timed-out answer, is found by the marker it was created with.
+        let marker = match deal.id.trim() {
+            "" => None,
+            id => Some((api.deal_marker_key().await?, id)),
+        };
+        let current = match (current, marker, person_id) {
+            (None, Some((key, id)), Some(person_id)) => {
+                find_marked_deal(api, key, id, person_id).await?
+            }
+            (current, _, _) => current,
+        };
+
         let outcome = match current {
             Some((id, current)) => {
                 refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, id));
@@ -462,6 +501,9 @@ impl CrmSyncService for PipedriveSync {
                 }
             }
             None => {
+                if let Some((key, id)) = marker {
+                    fields.insert("custom_fields".to_owned(), json!({ key: id }));
+                }
                 let created: WireDeal = api.client().send(Method::POST, "deals", &fields).await?;
                 refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, created.id.0));
                 SyncOutcome::Created

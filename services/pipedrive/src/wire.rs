@@ -78,6 +78,14 @@ fn id_of(value: &Value) -> i64 {
     }
 }
 
+/// A v1 custom field definition (`/v1/dealFields`).
+#[derive(Debug, Deserialize)]
+pub struct WireField {
+    pub key: String,
+    #[serde(default)]
+    pub name: String,
+}
+
 /// A v2 deal.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]

@@ -9,7 +9,9 @@ use leadrelay_proto::v1::{
     UpsertLeadRequest, crm_sync_service_client::CrmSyncServiceClient,
 };
 use leadrelay_testkit::pipedrive::{
-    activity, activity_types, answer, assert_requests_conform, deal, mount, ok, page, person,
+    DEAL_MARKER_KEY, activity, activity_types, answer, assert_requests_conform,
+    crm::{Crm, Fault},
+    deal, deal_fields, mount, ok, page, person,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -199,6 +201,8 @@ async fn a_deal_is_linked_to_its_person_patched_with_what_changed_and_lost_when_
     mount(&fake, "POST", "/api/v2/deals", ok(deal(5))).await;
     mount(&fake, "GET", "/api/v2/deals/5", ok(deal(5))).await;
     mount(&fake, "PATCH", "/api/v2/deals/5", ok(deal(5))).await;
+    mount(&fake, "GET", "/api/v2/deals", page(json!([deal(3)]), None)).await;
+    mount(&fake, "GET", "/api/v1/dealFields", deal_fields()).await;
     let mut sync = sync(&fake).await;
     let contact = seed_lead(vec![link(RemoteKind::PipedrivePerson, 7)]);
 
@@ -221,7 +225,8 @@ async fn a_deal_is_linked_to_its_person_patched_with_what_changed_and_lost_when_
     assert_eq!(
         posted,
         vec![
-            json!({"title": "Deal 5", "value": 120.50, "currency": "EUR", "status": "open", "person_id": 7})
+            json!({"title": "Deal 5", "value": 120.50, "currency": "EUR", "status": "open", "person_id": 7,
+                   "custom_fields": {DEAL_MARKER_KEY: "deal_1"}})
         ]
     );
 
@@ -272,6 +277,80 @@ async fn a_deal_is_linked_to_its_person_patched_with_what_changed_and_lost_when_
         bodies(&fake, "PATCH", "/api/v2/deals/5").await.last(),
         Some(&json!({"status": "lost", "lost_reason": "deleted in Hana"}))
     );
+    assert_requests_conform(&fake, TOKEN).await;
+}
+
+#[tokio::test]
+async fn a_deal_whose_creation_timed_out_is_found_by_its_marker_not_created_twice() {
+    use std::time::Duration;
+
+    let fake = MockServer::start().await;
+    // The first deal creation is applied, but its answer comes after the adapter gave up.
+    let crm = Crm::with_faults(Box::new(|_, request| {
+        let first_post = request.method.as_str() == "POST" && request.url.path() == "/api/v2/deals";
+        if first_post {
+            Fault::SlowAnswer(Duration::from_secs(3))
+        } else {
+            Fault::None
+        }
+    }));
+    crm.mount(&fake).await;
+    let person = crm.add_person("Toan Truyen", "toan@example.com");
+    let (channel, _shutdown) = common::serve_with(
+        &fake,
+        TOKEN,
+        "100/60s",
+        &[("LEADRELAY_PIPEDRIVE_TIMEOUT", "1s")],
+    )
+    .await;
+    let mut sync = CrmSyncServiceClient::new(channel);
+    let request = UpsertDealRequest {
+        deal: Some(ticket(Vec::new(), "Chat ticket")),
+        contact: Some(seed_lead(Vec::new())),
+        changed_fields: Vec::new(),
+        idempotency_key: "job_1".to_owned(),
+    };
+
+    let timed_out = sync.upsert_deal(request.clone()).await;
+    assert_eq!(
+        timed_out.err().map(|status| status.code()),
+        Some(tonic::Code::DeadlineExceeded),
+        "a timeout is transient: the runner retries it"
+    );
+    assert_eq!(
+        crm.records().deals.len(),
+        1,
+        "the deal was created all the same"
+    );
+
+    let retried = sync
+        .upsert_deal(UpsertDealRequest {
+            idempotency_key: "job_1".to_owned(),
+            ..request
+        })
+        .await
+        .expect("UpsertDeal")
+        .into_inner();
+    {
+        let records = crm.records();
+        assert_eq!(records.deals.len(), 1, "the retry found the deal");
+        let (id, created) = records.deals.iter().next().expect("one deal");
+        assert!(retried.refs.contains(&link(RemoteKind::PipedriveDeal, *id)));
+        assert!(
+            retried
+                .refs
+                .contains(&link(RemoteKind::PipedrivePerson, person))
+        );
+        assert_eq!(created["person_id"], json!(person));
+        assert_eq!(
+            records.deal_fields.len(),
+            1,
+            "the marker field was added once"
+        );
+        let key = records.deal_fields[0]["key"].as_str().unwrap_or_default();
+        assert_eq!(created["custom_fields"][key], json!("deal_1"));
+    }
+    assert!(crm.problems().is_empty(), "{:#?}", crm.problems());
     assert_requests_conform(&fake, TOKEN).await;
 }
 

@@ -3,6 +3,8 @@
 //! documents. Records are shaped as the v2 (v1 for webhooks and activity types) documents
 //! type them: fields the document does not allow to be `null` are left out rather than nulled.
 
+pub mod crm;
+
 use std::path::PathBuf;
 
 use serde_json::{Map, Value, json};
@@ -188,6 +190,17 @@ pub fn activity_types() -> Value {
     ]})
 }
 
+/// The key of the account's "LeadRelay deal id" field in [`deal_fields`].
+pub const DEAL_MARKER_KEY: &str = "5c1f0e9a7d3b2a4c6e8f0a1b3c5d7e9f1a2b3c4d";
+
+/// The account's custom deal fields (v1): the field LeadRelay marks its deals with.
+pub fn deal_fields() -> Value {
+    json!({"success": true, "data": [
+        {"id": 12, "key": DEAL_MARKER_KEY, "name": "LeadRelay deal id", "field_type": "varchar",
+         "add_time": "2026-01-01T00:00:00Z", "active_flag": true, "edit_flag": true}
+    ], "additional_data": {"start": 0, "limit": 500, "more_items_in_collection": false}})
+}
+
 /// A v1 webhook (version 2.0) on every deal event.
 pub fn webhook(id: i64) -> Value {
     json!({
@@ -222,6 +235,7 @@ pub async fn mount_every_operation(server: &MockServer) {
     )
     .await;
     mount(server, "GET", "/api/v1/activityTypes", activity_types()).await;
+    mount(server, "GET", "/api/v1/dealFields", deal_fields()).await;
     mount(server, "POST", "/api/v2/activities", ok(activity(11))).await;
     mount(
         server,

@@ -16,7 +16,17 @@ pub(crate) async fn serve(
     token: &str,
     rate_limit: &str,
 ) -> (Channel, CancellationToken) {
-    let vars: HashMap<&str, String> = HashMap::from([
+    serve_with(fake, token, rate_limit, &[]).await
+}
+
+/// [`serve`] with more settings, as `(variable, value)`.
+pub(crate) async fn serve_with(
+    fake: &MockServer,
+    token: &str,
+    rate_limit: &str,
+    more: &[(&'static str, &str)],
+) -> (Channel, CancellationToken) {
+    let mut vars: HashMap<&str, String> = HashMap::from([
         ("LEADRELAY_PIPEDRIVE_API_URL", fake.uri()),
         ("LEADRELAY_PIPEDRIVE_API_TOKEN", token.to_owned()),
         (
@@ -29,6 +39,10 @@ pub(crate) async fn serve(
         ),
         ("LEADRELAY_PIPEDRIVE_RATE_LIMIT", rate_limit.to_owned()),
     ]);
+    vars.extend(
+        more.iter()
+            .map(|(name, value)| (*name, (*value).to_owned())),
+    );
     let settings = Settings::from_lookup(|name| vars.get(name).cloned()).expect("valid settings");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let address = listener.local_addr().expect("its address");
