@@ -382,6 +382,140 @@ async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket(
     Ok(())
 }
 
+/// Whether every job of an event has finished: done, or folded into a job that was.
+fn all_finished(jobs: &[leadrelay_proto::v1::Job]) -> bool {
+    !jobs.is_empty()
+        && jobs
+            .iter()
+            .all(|job| matches!(job.state(), JobState::Done | JobState::Coalesced))
+}
+
+async fn a_ticket_becomes_one_deal_and_one_activity_a_burst_one_patch_and_a_delete_a_lost_deal(
+    database_url: Option<&str>,
+) -> TestResult {
+    use leadrelay_testkit::pipedrive::crm::Crm;
+    use serde_json::json;
+
+    const TICKET: &str = "4f0c1d2e-77aa-4b1c-9e3d-5a6b7c8d9e0f";
+    let pipedrive_fake = MockServer::start().await;
+    let crm = Crm::new();
+    crm.mount(&pipedrive_fake).await;
+    let folder = tempfile::tempdir()?;
+    let pipedrive_url = pipedrive_fake.uri();
+    let up = start_on(
+        folder.path(),
+        database_url,
+        &[
+            ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
+            ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
+            ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
+        ],
+    )?;
+    let seed: serde_json::Value = serde_json::from_str(SEED_SAMPLE)?;
+    let ticket = |attributes: serde_json::Value| {
+        let mut opportunity = json!({"id": {"nomalizeData": TICKET, "rawData": TICKET}});
+        if let (Some(all), Some(more)) = (opportunity.as_object_mut(), attributes.as_object()) {
+            for (name, value) in more {
+                all.insert(
+                    name.clone(),
+                    json!({"nomalizeData": value, "rawData": value}),
+                );
+            }
+        }
+        json!({
+            "application": seed["application"],
+            "lead": {"id": seed["lead"]["id"]},
+            "opportunity": opportunity,
+            "conversation": seed["conversation"],
+        })
+        .to_string()
+    };
+
+    let lead_event = post_hana(&up, "lead.created", SEED_SAMPLE.to_owned()).await?;
+    wait_for_jobs(&up, &lead_event, |jobs| {
+        jobs.iter()
+            .filter(|job| job.target() == System::Pipedrive)
+            .all(|job| job.state() == JobState::Done)
+    })
+    .await?;
+    let created = post_hana(
+        &up,
+        "ticket.created",
+        ticket(json!({"baseName": "Chat ticket", "dealValue": 1_500_000, "dealCurrency": "VND"})),
+    )
+    .await?;
+    wait_for_jobs(&up, &created, all_finished).await?;
+    let (deal_id, person_id) = {
+        let records = crm.records();
+        assert_eq!(
+            records.persons.len(),
+            1,
+            "one person: {:?}",
+            records.persons
+        );
+        assert_eq!(records.deals.len(), 1, "one deal: {:?}", records.deals);
+        assert_eq!(records.activities.len(), 1, "{:?}", records.activities);
+        let (&person_id, person) = records.persons.iter().next().ok_or("a person")?;
+        assert_eq!(person["name"], "Toan Truyen");
+        let (&deal_id, deal) = records.deals.iter().next().ok_or("a deal")?;
+        assert_eq!(
+            deal["person_id"],
+            json!(person_id),
+            "the deal is the lead's"
+        );
+        assert_eq!(deal["title"], "Chat ticket");
+        assert_eq!(deal["currency"], "VND");
+        let activity = records.activities.values().next().ok_or("an activity")?;
+        assert_eq!(activity["deal_id"], json!(deal_id));
+        let url = seed["conversation"]["conversationUrl"]
+            .as_str()
+            .ok_or("the seed's conversation")?;
+        assert!(
+            activity["note"]
+                .as_str()
+                .is_some_and(|note| note.contains(url)),
+            "{activity}"
+        );
+        (deal_id, person_id)
+    };
+
+    // Five updates in a burst: one PATCH carries the last state.
+    let mut updates = Vec::new();
+    for number in 1..=5 {
+        let body = ticket(json!({"baseName": format!("Chat ticket, edit {number}"),
+                                 "dealValue": 1_500_000 + number, "dealCurrency": "VND"}));
+        updates.push(post_hana(&up, "ticket.updated", body).await?);
+    }
+    for event_id in &updates {
+        wait_for_jobs(&up, event_id, all_finished).await?;
+    }
+    {
+        let records = crm.records();
+        let patches = records.count_writes("PATCH", &format!("/api/v2/deals/{deal_id}"));
+        assert_eq!(patches, 1, "{:?}", records.writes);
+        assert_eq!(records.deals[&deal_id]["title"], "Chat ticket, edit 5");
+        assert_eq!(records.deals[&deal_id]["value"], json!(1_500_005));
+        assert_eq!(records.count_writes("PATCH", "/api/v2/persons"), 0);
+        assert_eq!(records.count_writes("POST", "/api/v2/deals"), 1);
+    }
+
+    // The ticket deleted in Hana: the deal is lost, with the reason, and kept.
+    let deleted = post_hana(&up, "ticket.deleted", ticket(json!({}))).await?;
+    wait_for_jobs(&up, &deleted, all_finished).await?;
+    {
+        let records = crm.records();
+        let deal = &records.deals[&deal_id];
+        assert_eq!(deal["status"], "lost");
+        assert_eq!(deal["lost_reason"], "deleted in Hana");
+        assert_eq!(deal["person_id"], json!(person_id));
+        assert_eq!(records.deals.len(), 1);
+        assert_eq!(records.activities.len(), 1, "the activity was added once");
+    }
+    assert!(crm.problems().is_empty(), "{:#?}", crm.problems());
+    pipedrive::assert_requests_conform(&pipedrive_fake, PIPEDRIVE_TOKEN).await;
+    Ok(())
+}
+
 /// Declares each flow once per backend.
 macro_rules! on_both_backends {
     ($($flow:ident),* $(,)?) => {
@@ -411,6 +545,7 @@ on_both_backends!(
     the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person,
     failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishes_them,
     a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket,
+    a_ticket_becomes_one_deal_and_one_activity_a_burst_one_patch_and_a_delete_a_lost_deal,
     thirty_percent_failures_still_finish_every_job_and_duplicate_nothing,
 );
 

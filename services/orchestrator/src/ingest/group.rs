@@ -9,7 +9,7 @@ use std::{
     ops::Range,
 };
 
-use leadrelay_proto::v1::{Deal, Lead};
+use leadrelay_proto::v1::{Deal, HanaEventKind, Lead};
 
 use super::{
     CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict, new_id, now_ms,
@@ -612,6 +612,19 @@ struct NewJob<'a> {
 }
 
 /// Records the jobs of the default flows for every new event.
+/// How long an update's jobs wait before they are due. Hana sends a burst of updates when an
+/// agent edits several attributes in a row; the first of them to run sends the entity's state
+/// then, and the ones still pending behind it are coalesced into it, so a burst arriving within
+/// this window costs one call per CRM instead of one per update. Creates and deletes run at once.
+const UPDATE_SETTLE_MS: i64 = 1000;
+
+fn settle_ms(kind: HanaEventKind) -> i64 {
+    match kind {
+        HanaEventKind::LeadUpdated | HanaEventKind::OpportunityUpdated => UPDATE_SETTLE_MS,
+        _ => 0,
+    }
+}
+
 async fn insert_jobs<T: GroupTransaction>(
     transaction: &mut T,
     sql: Sql,
@@ -648,7 +661,7 @@ async fn insert_jobs<T: GroupTransaction>(
             Param::Text(EntityType::of(job.call.valid.kind).as_str()),
             Param::Text(job.entity_id),
             Param::OptionalText(job.call.call.trace_context.as_deref()),
-            Param::Int(now),
+            Param::Int(now + settle_ms(job.call.valid.kind)),
             Param::Int(now),
             Param::Int(now),
         ]);
