@@ -549,86 +549,24 @@ on_both_backends!(
     thirty_percent_failures_still_finish_every_job_and_duplicate_nothing,
 );
 
-/// Fails about one call in three — HTTP 500, or 429 with a 1 s reset — before doing anything,
-/// and otherwise answers with `answer`.
-struct Flaky<F> {
-    calls: std::sync::atomic::AtomicUsize,
-    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    answer: F,
-}
-
-impl<F> wiremock::Respond for Flaky<F>
-where
-    F: Fn(&wiremock::Request) -> wiremock::ResponseTemplate + Send + Sync + 'static,
-{
-    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
-        use std::sync::atomic::Ordering;
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        // A fixed pattern, 3 of every 10 calls: the run is the same every time.
-        match call % 10 {
-            1 | 5 => {
-                self.failed.fetch_add(1, Ordering::SeqCst);
-                wiremock::ResponseTemplate::new(500)
-                    .set_body_json(serde_json::json!({"success": false, "error": "Internal error"}))
-            }
-            8 => {
-                self.failed.fetch_add(1, Ordering::SeqCst);
-                wiremock::ResponseTemplate::new(429)
-                    .insert_header("x-ratelimit-remaining", "0")
-                    .insert_header("x-ratelimit-reset", "1")
-                    .set_body_json(
-                        serde_json::json!({"success": false, "error": "Request over limit"}),
-                    )
-            }
-            _ => (self.answer)(request),
-        }
-    }
-}
-
 async fn thirty_percent_failures_still_finish_every_job_and_duplicate_nothing(
     database_url: Option<&str>,
 ) -> TestResult {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicI64, AtomicUsize, Ordering},
-    };
-
+    use leadrelay_testkit::pipedrive::crm::{Crm, Fault};
     use serde_json::json;
-    use wiremock::{Mock, matchers::any};
 
     const LEADS: usize = 12;
-    let failed = Arc::new(AtomicUsize::new(0));
-    let next_person = Arc::new(AtomicI64::new(100));
+    // A fixed pattern, 3 of every 10 calls: HTTP 500 and 429 before the call is applied, and an
+    // answer held back past the adapter's 1 s timeout after it is applied (the write happened;
+    // the caller cannot know). The run is the same every time.
+    let crm = Crm::with_faults(Box::new(|call, _| match call % 10 {
+        1 => Fault::ServerError,
+        5 => Fault::SlowAnswer(Duration::from_millis(1500)),
+        8 => Fault::RateLimited,
+        _ => Fault::None,
+    }));
     let pipedrive_fake = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(Flaky {
-            calls: AtomicUsize::new(0),
-            failed: failed.clone(),
-            answer: {
-                let next_person = next_person.clone();
-                move |request: &wiremock::Request| match (
-                    request.method.as_str(),
-                    request.url.path(),
-                ) {
-                    ("GET", "/api/v2/persons/search") => wiremock::ResponseTemplate::new(200)
-                        .set_body_json(
-                            json!({"success": true, "data": {"items": []}, "additional_data": {}}),
-                        ),
-                    ("POST", "/api/v2/persons") => {
-                        let id = next_person.fetch_add(1, Ordering::SeqCst);
-                        wiremock::ResponseTemplate::new(200)
-                            .set_body_json(pipedrive::ok(pipedrive::person(id)))
-                    }
-                    ("GET", "/api/v2/deals" | "/api/v2/activities") => {
-                        wiremock::ResponseTemplate::new(200)
-                            .set_body_json(pipedrive::page(json!([]), None))
-                    }
-                    _ => wiremock::ResponseTemplate::new(404),
-                }
-            },
-        })
-        .mount(&pipedrive_fake)
-        .await;
+    crm.mount(&pipedrive_fake).await;
     let folder = tempfile::tempdir()?;
     let pipedrive_url = pipedrive_fake.uri();
     let up = start_on(
@@ -638,21 +576,37 @@ async fn thirty_percent_failures_still_finish_every_job_and_duplicate_nothing(
             ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
             ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
             ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
+            ("LEADRELAY_PIPEDRIVE_TIMEOUT", "1s"),
         ],
     )?;
     let started = Instant::now();
+    let application = json!({"id": "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2"});
+    let attribute = |value: String| json!({"nomalizeData": value, "rawData": value});
     let mut events = Vec::new();
     for number in 0..LEADS {
+        let lead_id = attribute(format!("lead-{number}"));
         let body = json!({
-            "application": {"id": "dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2"},
+            "application": application,
             "lead": {
-                "id": {"nomalizeData": format!("lead-{number}"), "rawData": format!("lead-{number}")},
-                "baseName": {"nomalizeData": format!("Lead {number}"), "rawData": format!("Lead {number}")},
-                "baseEmail": {"nomalizeData": format!("lead{number}@example.com"),
-                              "rawData": format!("lead{number}@example.com")}
+                "id": lead_id,
+                "baseName": attribute(format!("Lead {number}")),
+                "baseEmail": attribute(format!("lead{number}@example.com")),
             }
         });
         events.push(post_hana(&up, "lead.created", body.to_string()).await?);
+        // Every other lead opens a ticket in the same chat.
+        if number % 2 == 0 {
+            let body = json!({
+                "application": application,
+                "lead": {"id": lead_id},
+                "opportunity": {
+                    "id": attribute(format!("ticket-{number}")),
+                    "baseName": attribute(format!("Ticket {number}")),
+                },
+                "conversation": {"conversationUrl": format!("https://bot.hana.ai/apps/a/chats/{number}")},
+            });
+            events.push(post_hana(&up, "ticket.created", body.to_string()).await?);
+        }
     }
     for event_id in &events {
         wait_for_jobs(&up, event_id, |jobs| {
@@ -663,15 +617,38 @@ async fn thirty_percent_failures_still_finish_every_job_and_duplicate_nothing(
         .await?;
     }
     println!(
-        "{LEADS} leads synced through {} failed calls in {:?}",
-        failed.load(Ordering::SeqCst),
+        "{LEADS} leads and {} tickets synced through {} failed or timed-out calls in {:?}",
+        LEADS / 2,
+        crm.faults_injected(),
         started.elapsed()
     );
-    let created = usize::try_from(next_person.load(Ordering::SeqCst) - 100)?;
-    assert_eq!(created, LEADS, "one person per lead, none twice");
-    assert!(
-        failed.load(Ordering::SeqCst) >= LEADS / 2,
-        "the fake did fail calls"
+    let records = crm.records();
+    assert_eq!(
+        records.persons.len(),
+        LEADS,
+        "one person per lead, none twice"
     );
+    assert_eq!(records.deals.len(), LEADS / 2, "one deal per ticket");
+    assert_eq!(
+        records.activities.len(),
+        LEADS / 2,
+        "one activity per ticket"
+    );
+    let persons_with_deals: std::collections::HashSet<_> = records
+        .deals
+        .values()
+        .map(|deal| deal["person_id"].clone())
+        .collect();
+    assert_eq!(
+        persons_with_deals.len(),
+        LEADS / 2,
+        "each deal has its own lead's person"
+    );
+    assert!(
+        crm.faults_injected() >= LEADS,
+        "the fake did fail calls: {}",
+        crm.faults_injected()
+    );
+    assert!(crm.problems().is_empty(), "{:#?}", crm.problems());
     Ok(())
 }

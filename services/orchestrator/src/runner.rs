@@ -2,7 +2,10 @@
 //! what came of it (links, or a retry, or a dead letter) in one transaction.
 //!
 //! - Order: of the unfinished jobs for one (target, entity), only the oldest may run, so a
-//!   deal is created before its activity and updates land in the order they happened.
+//!   deal is created before its activity and updates land in the order they happened. A deal's
+//!   jobs also wait for the earlier jobs of its contact lead on the same target: otherwise the
+//!   deal's sync and the lead's sync would each look for the person, find none, and both create
+//!   one.
 //! - Coalescing: a pending upsert of the same (target, entity) queued behind the one being run,
 //!   with no other kind of job between them, is marked `coalesced`: the upsert sends the entity's
 //!   current state, which already holds the later change.
@@ -183,6 +186,9 @@ impl JobRunner {
              WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target IN ({}) \
              AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.target = j.target AND k.entity_id = j.entity_id \
                              AND k.seq < j.seq AND k.state IN ('pending', 'running')) \
+             AND NOT EXISTS (SELECT 1 FROM deals d JOIN jobs c ON c.entity_id = d.contact_lead_id \
+                             WHERE j.entity_type = 'deal' AND d.id = j.entity_id AND c.target = j.target \
+                             AND c.seq < j.seq AND c.state IN ('pending', 'running')) \
              ORDER BY j.seq LIMIT {BATCH}",
             placeholders.join(", ")
         );
