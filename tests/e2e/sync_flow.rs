@@ -516,6 +516,129 @@ async fn a_ticket_becomes_one_deal_and_one_activity_a_burst_one_patch_and_a_dele
     Ok(())
 }
 
+async fn a_salesman_status_change_is_written_back_to_the_hana_lead(
+    database_url: Option<&str>,
+) -> TestResult {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    };
+
+    use leadrelay_proto::v1::TriggerPollRequest;
+    use serde_json::json;
+    use wiremock::{Mock, ResponseTemplate, matchers::method};
+
+    const HANA_TOKEN: &str = "hana-flow-token-51";
+    // SalesMan lead 940 (the id the fake gives the lead it adds) is open until sales works it.
+    let status = Arc::new(AtomicU8::new(0));
+    let salesman_fake = MockServer::start().await;
+    salesman::mount(&salesman_fake, SALESMAN_LOGIN, SALESMAN_KEY, {
+        let status = status.clone();
+        move |fields| match fields.get("action").map(String::as_str) {
+            Some("list") if fields.get("offset").is_none_or(|offset| offset == "0") => {
+                salesman::v1(
+                    &json!({"data": [salesman::lead_record(940, status.load(Ordering::SeqCst))]}),
+                )
+            }
+            _ => salesman::documented_answers(fields),
+        }
+    })
+    .await;
+    let hana_fake = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"success": true})))
+        .mount(&hana_fake)
+        .await;
+    let folder = tempfile::tempdir()?;
+    let salesman_url = salesman_fake.uri();
+    let hana_url = format!("{}/update", hana_fake.uri());
+    let up = start_on(
+        folder.path(),
+        database_url,
+        &[
+            ("LEADRELAY_SALESMAN_API_URL", salesman_url.as_str()),
+            ("LEADRELAY_SALESMAN_LOGIN", SALESMAN_LOGIN),
+            ("LEADRELAY_SALESMAN_API_KEY", SALESMAN_KEY),
+            ("LEADRELAY_SALESMAN_POLL_INTERVAL", "1h"),
+            ("LEADRELAY_HANA_API_URL", hana_url.as_str()),
+            ("LEADRELAY_HANA_ACCESS_TOKEN", HANA_TOKEN),
+        ],
+    )?;
+    let event_id = post_hana(&up, "lead.created", SEED_SAMPLE.to_owned()).await?;
+    wait_for_jobs(&up, &event_id, |jobs| {
+        jobs.iter()
+            .filter(|job| job.target() != System::Pipedrive)
+            .all(|job| job.state() == JobState::Done)
+    })
+    .await?;
+    let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+    let poll = TriggerPollRequest {
+        system: System::Salesman.into(),
+    };
+    assert_eq!(
+        orchestrator
+            .trigger_poll(poll)
+            .await?
+            .into_inner()
+            .events_stored,
+        0,
+        "a lead first seen open is only recorded"
+    );
+
+    // Sales processes the lead in SalesMan.
+    status.store(2, Ordering::SeqCst);
+    assert_eq!(
+        orchestrator
+            .trigger_poll(poll)
+            .await?
+            .into_inner()
+            .events_stored,
+        1
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lead_updates = loop {
+        let bodies: Vec<serde_json::Value> = hana_fake
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
+            .filter(|body: &serde_json::Value| body.get("lead").is_some())
+            .collect();
+        if bodies
+            .iter()
+            .any(|body| body["lead"]["cf_string_sales_status"] == "processed")
+        {
+            break bodies;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("Hana got no status; got {bodies:?}; logs:\n{}", up.logs()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        lead_updates.last(),
+        Some(
+            &json!({"lead": {"id": SEED_LEAD_ID, "cf_string_salesman_lead_id": "940",
+                              "cf_string_sales_status": "processed"}})
+        ),
+        "{lead_updates:?}"
+    );
+    let lead = seed_lead(&mut orchestrator).await?;
+    assert_eq!(lead.sales_status, "processed");
+
+    // The same status seen again changes nothing.
+    assert_eq!(
+        orchestrator
+            .trigger_poll(poll)
+            .await?
+            .into_inner()
+            .events_stored,
+        0
+    );
+    Ok(())
+}
+
 /// Declares each flow once per backend.
 macro_rules! on_both_backends {
     ($($flow:ident),* $(,)?) => {
@@ -546,6 +669,7 @@ on_both_backends!(
     failures_retry_or_dead_letter_with_the_crm_s_message_and_replay_finishes_them,
     a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket,
     a_ticket_becomes_one_deal_and_one_activity_a_burst_one_patch_and_a_delete_a_lost_deal,
+    a_salesman_status_change_is_written_back_to_the_hana_lead,
     thirty_percent_failures_still_finish_every_job_and_duplicate_nothing,
 );
 

@@ -1,6 +1,7 @@
 //! `CrmSyncService` for Hana: write-back. Hana is where leads and tickets come from, so syncing
 //! "to Hana" means writing what the CRMs did back into attributes of the Hana lead or ticket:
-//! the remote ids LeadRelay linked, and a deal's status, stage and lost reason.
+//! the remote ids LeadRelay linked, a lead's sales status, and a deal's status, stage and lost
+//! reason.
 //!
 //! The attributes written are [`WriteBack`]'s (custom `cf_string_…` attributes by default; the
 //! config file will map them). Setting an attribute is idempotent, so a retry is harmless. Hana's
@@ -29,6 +30,8 @@ pub struct WriteBack {
     pub pipedrive_person_id: String,
     /// On the lead: the SalesMan lead id.
     pub salesman_lead_id: String,
+    /// On the lead: where sales stands with it ("open", "in_work", "processed", "closed").
+    pub sales_status: String,
     /// On the ticket: the Pipedrive deal id.
     pub pipedrive_deal_id: String,
     /// On the ticket: the deal's status ("open", "won", "lost", "deleted").
@@ -44,6 +47,7 @@ impl Default for WriteBack {
         Self {
             pipedrive_person_id: "cf_string_pipedrive_person_id".to_owned(),
             salesman_lead_id: "cf_string_salesman_lead_id".to_owned(),
+            sales_status: "cf_string_sales_status".to_owned(),
             pipedrive_deal_id: "cf_string_pipedrive_deal_id".to_owned(),
             deal_status: "cf_string_deal_status".to_owned(),
             lost_reason: "cf_string_lost_reason".to_owned(),
@@ -173,6 +177,11 @@ impl CrmSyncService for HanaSync {
             &mut attributes,
             &self.write_back.salesman_lead_id,
             remote_id(refs, System::Salesman, RemoteKind::SalesmanLead),
+        );
+        put(
+            &mut attributes,
+            &self.write_back.sales_status,
+            Some(lead.sales_status.clone()).filter(|status| !status.is_empty()),
         );
         let outcome = outcome_of(&attributes);
         if !attributes.is_empty() {

@@ -23,6 +23,17 @@ use crate::{
     store::Store,
 };
 
+/// The canonical sales status of a SalesMan status code.
+fn sales_status(code: &str) -> &'static str {
+    match code {
+        "0" => "open",
+        "1" => "in_work",
+        "2" => "processed",
+        "3" => "closed",
+        _ => "",
+    }
+}
+
 /// SalesMan's status names, by the numeric code it stores.
 fn status_code(lead: &Lead) -> &'static str {
     use leadrelay_proto::salesman::v1::LeadStatus;
@@ -108,23 +119,28 @@ impl SalesManPoller {
             return Ok(false);
         }
         if changed {
+            let event_id = new_id("evt");
             let body = serde_json::json!({
                 "id": lead.id, "status": status, "statusName": lead.status_name,
                 "previous_status": known, "result": lead.result_name,
                 "clid": lead.client_id, "pid": lead.person_id, "did": lead.deal_id,
                 "datum_do": lead.datum_do,
             });
-            sqlx::query(
+            let stored = sqlx::query(
                 "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at) \
                  VALUES ($1, 'salesman', 'lead.status', '', $2, $3, $4) \
                  ON CONFLICT (source, dedupe_key) DO NOTHING",
             )
-            .bind(new_id("evt"))
+            .bind(&event_id)
             .bind(format!("lead:{lead_id}:status:{status}"))
             .bind(serde_json::to_vec(&body).unwrap_or_default())
             .bind(now_ms())
             .execute(&mut *transaction)
-            .await?;
+            .await?
+            .rows_affected();
+            if stored == 1 {
+                follow_status_change(&mut transaction, &lead_id, status, &event_id).await?;
+            }
         }
         sqlx::query(
             "INSERT INTO salesman_lead_status (lead_id, status, seen_at) VALUES ($1, $2, $3) \
@@ -146,4 +162,70 @@ impl SalesManPoller {
     pub async fn run(self, interval: std::time::Duration, shutdown: CancellationToken) {
         every(interval, shutdown, "salesman", || self.poll_once()).await;
     }
+}
+
+/// Sets the sales status of the canonical lead linked to SalesMan lead `lead_id` and queues the
+/// Hana write-back, in the transaction that stores the status event. A SalesMan lead LeadRelay
+/// did not create (or whose lead did not come from Hana) changes nothing.
+async fn follow_status_change(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    lead_id: &str,
+    code: &str,
+    event_id: &str,
+) -> Result<(), IngestError> {
+    use prost::Message;
+
+    let entity_id: Option<String> = sqlx::query_scalar(
+        "SELECT entity_id FROM links WHERE entity_type = 'lead' AND system = 'salesman' \
+         AND kind = 'salesman_lead' AND remote_id = $1 AND closed_at IS NULL",
+    )
+    .bind(lead_id)
+    .fetch_optional(&mut **transaction)
+    .await?;
+    let Some(entity_id) = entity_id else {
+        return Ok(());
+    };
+    let body: Option<Vec<u8>> = sqlx::query_scalar("SELECT body FROM leads WHERE id = $1")
+        .bind(&entity_id)
+        .fetch_optional(&mut **transaction)
+        .await?;
+    let Some(body) = body else { return Ok(()) };
+    let mut lead = leadrelay_proto::v1::Lead::decode(body.as_slice())
+        .map_err(|error| crate::store::StoreError::Corrupt(error.to_string()))?;
+    let status = sales_status(code);
+    if lead.sales_status == status {
+        return Ok(());
+    }
+    let now = now_ms();
+    lead.sales_status = status.to_owned();
+    lead.updated_at = Some(crate::ingest::timestamp(now));
+    sqlx::query("UPDATE leads SET body = $1, updated_at = $2 WHERE id = $3")
+        .bind(lead.encode_to_vec())
+        .bind(now)
+        .bind(&entity_id)
+        .execute(&mut **transaction)
+        .await?;
+    let from_hana = sqlx::query(
+        "SELECT 1 FROM links WHERE entity_type = 'lead' AND entity_id = $1 AND system = 'hana' \
+         AND closed_at IS NULL",
+    )
+    .bind(&entity_id)
+    .fetch_optional(&mut **transaction)
+    .await?
+    .is_some();
+    if from_hana {
+        sqlx::query(
+            "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
+             next_attempt_at, created_at, updated_at, state, attempts, last_error) \
+             VALUES ($1, $2, 'hana', 'upsert_lead', 'lead', $3, NULL, $4, $4, $4, 'pending', 0, '')",
+        )
+        .bind(new_id("job"))
+        .bind(event_id)
+        .bind(&entity_id)
+        .bind(now)
+        .execute(&mut **transaction)
+        .await?;
+        tracing::info!(lead = %entity_id, salesman_lead = %lead_id, status, "salesman status goes back to hana");
+    }
+    Ok(())
 }
