@@ -10,5 +10,6 @@ mod pipedrive_poll;
 mod salesman_hana;
 mod salesman_poll;
 mod support;
+mod sync_crash;
 mod sync_flow;
 mod up;

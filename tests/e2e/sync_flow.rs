@@ -382,6 +382,133 @@ async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket(
     Ok(())
 }
 
+async fn the_config_file_s_mappings_fill_the_crm_fields_and_name_the_hana_attributes(
+    database_url: Option<&str>,
+) -> TestResult {
+    use leadrelay_testkit::pipedrive::crm::Crm;
+    use serde_json::json;
+    use wiremock::{Mock, ResponseTemplate, matchers::method};
+
+    const SOURCES_KEY: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+    const NUMBER_KEY: &str = "fedcba9876543210fedcba9876543210fedcba98";
+    let pipedrive_fake = MockServer::start().await;
+    let crm = Crm::new();
+    crm.mount(&pipedrive_fake).await;
+    let salesman_fake = MockServer::start().await;
+    let seen = salesman::mount(
+        &salesman_fake,
+        SALESMAN_LOGIN,
+        SALESMAN_KEY,
+        salesman::documented_answers,
+    )
+    .await;
+    let hana_fake = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"success": true})))
+        .mount(&hana_fake)
+        .await;
+    let folder = tempfile::tempdir()?;
+    let config = folder.path().join("leadrelay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[mappings.pipedrive.person]
+baseSourceInput = "{SOURCES_KEY}"
+cf_number_kieu_so = "{NUMBER_KEY}"
+
+[mappings.salesman]
+baseSourceInput = "utm_campaign"
+cf_number_kieu_so = "company"
+
+[mappings.hana]
+pipedrive_person_id = "cf_string_ma_pipedrive"
+salesman_lead_id = ""
+"#
+        ),
+    )?;
+    let (pipedrive_url, salesman_url) = (pipedrive_fake.uri(), salesman_fake.uri());
+    let hana_url = format!("{}/update", hana_fake.uri());
+    let config = config.to_string_lossy().into_owned();
+    let up = start_on(
+        folder.path(),
+        database_url,
+        &[
+            ("LEADRELAY_CONFIG", config.as_str()),
+            ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
+            ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
+            ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
+            ("LEADRELAY_SALESMAN_API_URL", salesman_url.as_str()),
+            ("LEADRELAY_SALESMAN_LOGIN", SALESMAN_LOGIN),
+            ("LEADRELAY_SALESMAN_API_KEY", SALESMAN_KEY),
+            ("LEADRELAY_SALESMAN_POLL_INTERVAL", "1h"),
+            ("LEADRELAY_HANA_API_URL", hana_url.as_str()),
+            ("LEADRELAY_HANA_ACCESS_TOKEN", "hana-map-token-0f"),
+        ],
+    )?;
+    let event_id = post_hana(&up, "lead.created", SEED_SAMPLE.to_owned()).await?;
+    wait_for_jobs(&up, &event_id, all_finished).await?;
+
+    let person_id = {
+        let records = crm.records();
+        assert_eq!(records.persons.len(), 1);
+        let (&id, person) = records.persons.iter().next().ok_or("a person")?;
+        assert_eq!(
+            person["custom_fields"],
+            json!({SOURCES_KEY: "Youtube, Sendo", NUMBER_KEY: 1.09}),
+            "{person}"
+        );
+        id
+    };
+    let added = seen
+        .lock()
+        .map(|seen| {
+            seen.iter()
+                .find(|fields| fields.get("action").map(String::as_str) == Some("add"))
+                .cloned()
+        })
+        .ok()
+        .flatten()
+        .ok_or("a SalesMan add")?;
+    assert_eq!(
+        added.get("utm_campaign").map(String::as_str),
+        Some("Youtube, Sendo")
+    );
+    assert_eq!(added.get("company").map(String::as_str), Some("1.09"));
+
+    // The write-back goes to the mapped attribute; the SalesMan id, mapped to "", is not written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let bodies: Vec<serde_json::Value> = hana_fake
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
+            .collect();
+        if let Some(last) = bodies.last()
+            && last["lead"]["cf_string_ma_pipedrive"] == json!(person_id.to_string())
+        {
+            assert!(
+                bodies
+                    .iter()
+                    .all(|body| body["lead"].as_object().is_some_and(|lead| lead
+                        .keys()
+                        .all(|key| key == "id" || key == "cf_string_ma_pipedrive"))),
+                "{bodies:?}"
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("Hana got {bodies:?}; logs:\n{}", up.logs()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(crm.problems().is_empty(), "{:#?}", crm.problems());
+    pipedrive::assert_requests_conform(&pipedrive_fake, PIPEDRIVE_TOKEN).await;
+    Ok(())
+}
+
 /// Whether every job of an event has finished: done, or folded into a job that was.
 fn all_finished(jobs: &[leadrelay_proto::v1::Job]) -> bool {
     !jobs.is_empty()
@@ -670,6 +797,7 @@ on_both_backends!(
     a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket,
     a_ticket_becomes_one_deal_and_one_activity_a_burst_one_patch_and_a_delete_a_lost_deal,
     a_salesman_status_change_is_written_back_to_the_hana_lead,
+    the_config_file_s_mappings_fill_the_crm_fields_and_name_the_hana_attributes,
     thirty_percent_failures_still_finish_every_job_and_duplicate_nothing,
 );
 

@@ -31,6 +31,7 @@ use self::client::{DEFAULT_TIMEOUT, HanaClient, HanaError, Record};
 pub struct HanaAdapter {
     credentials: Credentials,
     client: Option<Arc<HanaClient>>,
+    write_back: leadrelay_runtime::mappings::HanaWriteBack,
 }
 
 impl HanaAdapter {
@@ -48,6 +49,7 @@ impl HanaAdapter {
         Ok(Self {
             credentials: Credentials::new("Hana write-back", settings.hana_missing()),
             client,
+            write_back: settings.mappings.hana.clone(),
         })
     }
 
@@ -61,7 +63,7 @@ impl HanaAdapter {
         let sync = sync::HanaSync::new(
             self.credentials.clone(),
             self.client.clone(),
-            sync::WriteBack::default(),
+            self.write_back.clone(),
         );
         Routes::new(HanaAdapterServiceServer::new(self))
             .add_service(CrmSyncServiceServer::new(sync))

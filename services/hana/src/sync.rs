@@ -3,10 +3,11 @@
 //! the remote ids LeadRelay linked, a lead's sales status, and a deal's status, stage and lost
 //! reason.
 //!
-//! The attributes written are [`WriteBack`]'s (custom `cf_string_…` attributes by default; the
-//! config file will map them). Setting an attribute is idempotent, so a retry is harmless. Hana's
-//! API can neither create nor delete a lead or ticket: an entity that did not come from Hana, a
-//! delete or an activity is answered `NOT_SUPPORTED` without a call.
+//! The attributes written are [`WriteBack`]'s: custom `cf_string_…` attributes by default, others
+//! as the config file's `[mappings.hana]` names them (an empty name writes nothing). Setting an
+//! attribute is idempotent, so a retry is harmless. Hana's API can neither create nor delete a
+//! lead or ticket: an entity that did not come from Hana, a delete or an activity is answered
+//! `NOT_SUPPORTED` without a call.
 
 use std::sync::Arc;
 
@@ -23,38 +24,8 @@ use tonic::{Request, Response, Status};
 
 use crate::client::{HanaClient, Record};
 
-/// Which Hana attribute receives what.
-#[derive(Clone, Debug)]
-pub struct WriteBack {
-    /// On the lead: the Pipedrive person id.
-    pub pipedrive_person_id: String,
-    /// On the lead: the SalesMan lead id.
-    pub salesman_lead_id: String,
-    /// On the lead: where sales stands with it ("open", "in_work", "processed", "closed").
-    pub sales_status: String,
-    /// On the ticket: the Pipedrive deal id.
-    pub pipedrive_deal_id: String,
-    /// On the ticket: the deal's status ("open", "won", "lost", "deleted").
-    pub deal_status: String,
-    /// On the ticket: why the deal was lost.
-    pub lost_reason: String,
-    /// On the ticket: the deal's stage id in its CRM.
-    pub stage_id: String,
-}
-
-impl Default for WriteBack {
-    fn default() -> Self {
-        Self {
-            pipedrive_person_id: "cf_string_pipedrive_person_id".to_owned(),
-            salesman_lead_id: "cf_string_salesman_lead_id".to_owned(),
-            sales_status: "cf_string_sales_status".to_owned(),
-            pipedrive_deal_id: "cf_string_pipedrive_deal_id".to_owned(),
-            deal_status: "cf_string_deal_status".to_owned(),
-            lost_reason: "cf_string_lost_reason".to_owned(),
-            stage_id: "cf_string_deal_stage_id".to_owned(),
-        }
-    }
-}
+/// Which Hana attribute receives what: the config file's `[mappings.hana]`.
+pub use leadrelay_runtime::mappings::HanaWriteBack as WriteBack;
 
 /// Hana's canonical face.
 #[derive(Clone, Debug)]

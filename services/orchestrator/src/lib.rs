@@ -64,6 +64,8 @@ pub struct Pollers {
     pub salesman: Option<PollerSettings>,
     /// The adapters sync jobs are run against, by system; jobs for other systems wait.
     pub sync_targets: Vec<(leadrelay_proto::v1::System, url::Url)>,
+    /// How long a claimed job may run before another runner takes it again.
+    pub job_lease: std::time::Duration,
 }
 
 /// The pollers and sync targets the settings configure.
@@ -81,6 +83,7 @@ pub fn pollers(settings: &Settings) -> Pollers {
     }
     Pollers {
         sync_targets,
+        job_lease: settings.job_lease,
         pipedrive: settings
             .pipedrive_missing()
             .is_empty()
@@ -131,7 +134,8 @@ pub async fn serve(
         tokio::spawn(poller.run(interval, shutdown.clone()));
     }
     if !pollers.sync_targets.is_empty() {
-        let runner = runner::JobRunner::new(store.clone(), &pollers.sync_targets)?;
+        let runner = runner::JobRunner::new(store.clone(), &pollers.sync_targets)?
+            .with_lease(pollers.job_lease);
         tokio::spawn(runner.run(shutdown.clone()));
     }
     let routes = Routes::new(OrchestratorServiceServer::new(orchestrator));

@@ -10,8 +10,9 @@
 //!   with no other kind of job between them, is marked `coalesced`: the upsert sends the entity's
 //!   current state, which already holds the later change.
 //! - Claiming is a conditional update (`pending` → `running`), so any number of runners on
-//!   Postgres never run one job twice; a `running` job whose runner died is taken again after
-//!   [`LEASE_MS`].
+//!   Postgres never run one job twice. A runner renews the lease of each job it holds every third
+//!   of the lease (`LEADRELAY_JOB_LEASE`, [`DEFAULT_LEASE`]); a job whose runner died is taken
+//!   again once its lease has passed, so the retry comes soon after the crash.
 //! - Retries: transient failures (unavailable, deadline, rate limit, …) wait
 //!   1 s · 2^attempts (at most 10 min, ±20% jitter), or the adapter's retry hint when longer;
 //!   after [`MAX_ATTEMPTS`] attempts, or at once for a permanent error, the job is dead and keeps
@@ -43,8 +44,9 @@ use crate::{
 /// Attempts before a job is dead.
 pub const MAX_ATTEMPTS: i64 = 8;
 
-/// How long a claimed job may run before another runner takes it again.
-pub const LEASE_MS: i64 = 5 * 60 * 1000;
+/// How long a claimed job's runner may stay silent before another runner takes the job again,
+/// unless set. A live runner renews the lease every third of it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// Jobs claimed per round.
 const BATCH: i64 = 32;
@@ -97,6 +99,7 @@ type Target = (CrmSyncServiceClient<Channel>, Arc<Semaphore>);
 pub struct JobRunner {
     store: Store,
     adapters: Arc<HashMap<System, Target>>,
+    lease_ms: i64,
 }
 
 impl JobRunner {
@@ -118,7 +121,15 @@ impl JobRunner {
         Ok(Self {
             store,
             adapters: Arc::new(adapters),
+            lease_ms: lease_ms(DEFAULT_LEASE),
         })
+    }
+
+    /// The same runner, taking a dead runner's jobs again after `lease`.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease_ms = lease_ms(lease);
+        self
     }
 
     /// Runs due jobs until `shutdown`.
@@ -170,7 +181,7 @@ impl JobRunner {
             "UPDATE jobs SET state = 'pending', updated_at = $1 WHERE state = 'running' AND updated_at < $2",
         )
         .bind(now)
-        .bind(now - LEASE_MS)
+        .bind(now - self.lease_ms)
         .execute(pool)
         .await?;
         let targets: Vec<&str> = self
@@ -250,12 +261,47 @@ impl JobRunner {
         let Some((client, permits)) = self.adapters.get(&job.target) else {
             return Ok(());
         };
-        let _permit = permits.acquire().await;
-        let finished = match self.call(client.clone(), &job).await {
-            Ok(finished) => finished,
-            Err(status) => classify(&job, &status),
+        // The lease is renewed while the job waits for its turn and while its call runs, so a
+        // slow call is never taken by a second runner; only a dead runner's lease runs out.
+        let finished = tokio::select! {
+            finished = async {
+                let _permit = permits.acquire().await;
+                match self.call(client.clone(), &job).await {
+                    Ok(finished) => finished,
+                    Err(status) => classify(&job, &status),
+                }
+            } => finished,
+            () = self.renew_lease(&job.id) => return Ok(()),
         };
         self.finish(&job, finished).await
+    }
+
+    /// Keeps `job_id`'s lease alive, renewing it every third of the lease; returns only if the
+    /// job is no longer this runner's (another runner took it after a stall).
+    async fn renew_lease(&self, job_id: &str) {
+        let every = Duration::from_millis(u64::try_from(self.lease_ms / 3).unwrap_or(1).max(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let renewed =
+                sqlx::query("UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'running'")
+                    .bind(now_ms())
+                    .bind(job_id)
+                    .execute(self.store.pool())
+                    .await;
+            match renewed {
+                Ok(result) if result.rows_affected() == 0 => {
+                    tracing::warn!(
+                        job = job_id,
+                        "the job's lease was lost; another runner has it"
+                    );
+                    return;
+                }
+                Ok(_) => {}
+                // The store is unreachable: the next renewal tries again, and if the lease runs
+                // out meanwhile, the conditional finish keeps the outcomes from clashing.
+                Err(error) => tracing::warn!(job = job_id, %error, "could not renew a job's lease"),
+            }
+        }
     }
 
     async fn call(
@@ -536,6 +582,10 @@ async fn queue_hana_write_back(
     .execute(&mut **transaction)
     .await?;
     Ok(())
+}
+
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// What a failed call means for its job.

@@ -23,7 +23,11 @@ use leadrelay_proto::{
         pipedrive_adapter_service_server::PipedriveAdapterService,
     },
 };
-use leadrelay_runtime::{Settings, adapter::Credentials};
+use leadrelay_runtime::{
+    Settings,
+    adapter::Credentials,
+    mappings::{FieldMapping, Mappings},
+};
 use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -48,6 +52,10 @@ pub struct PipedriveApi {
     activity_types: tokio::sync::Mutex<Option<Vec<String>>>,
     /// The key of the deal field that holds LeadRelay's deal id, found or added once.
     deal_marker_key: tokio::sync::OnceCell<String>,
+    /// Hana lead attributes → person custom fields (`[mappings.pipedrive.person]`).
+    person_fields: Vec<FieldMapping>,
+    /// Hana ticket attributes → deal custom fields (`[mappings.pipedrive.deal]`).
+    deal_fields: Vec<FieldMapping>,
 }
 
 /// The name of the deal field LeadRelay marks the deals it creates with.
@@ -62,12 +70,15 @@ impl PipedriveApi {
             return Ok(None);
         };
         let client = PipedriveClient::new(&pipedrive.api_url, token, pipedrive.timeout)?
-            .paced(pipedrive.rate_limit);
-        Ok(Some(Self::new(
-            client,
-            pipedrive.webhook_user.clone(),
-            pipedrive.webhook_password.clone(),
-        )))
+            .paced_with_search_limit(pipedrive.rate_limit, pipedrive.search_rate_limit);
+        Ok(Some(
+            Self::new(
+                client,
+                pipedrive.webhook_user.clone(),
+                pipedrive.webhook_password.clone(),
+            )
+            .with_field_mappings(&settings.mappings),
+        ))
     }
 
     /// The API over `client`; the webhook credentials are the defaults of RegisterWebhook.
@@ -82,7 +93,26 @@ impl PipedriveApi {
             webhook_password,
             activity_types: tokio::sync::Mutex::new(None),
             deal_marker_key: tokio::sync::OnceCell::new(),
+            person_fields: Vec::new(),
+            deal_fields: Vec::new(),
         }
+    }
+
+    /// The API filling person and deal custom fields from Hana attributes as `mappings` say.
+    pub fn with_field_mappings(mut self, mappings: &Mappings) -> Self {
+        self.person_fields.clone_from(&mappings.pipedrive_person);
+        self.deal_fields.clone_from(&mappings.pipedrive_deal);
+        self
+    }
+
+    /// The person custom fields the config file maps.
+    pub(crate) fn person_fields(&self) -> &[FieldMapping] {
+        &self.person_fields
+    }
+
+    /// The deal custom fields the config file maps.
+    pub(crate) fn deal_fields(&self) -> &[FieldMapping] {
+        &self.deal_fields
     }
 
     /// The key of the custom deal field [`DEAL_MARKER_FIELD`], added to the account when it is

@@ -24,6 +24,7 @@ use leadrelay_proto::v1::{
     crm_sync_service_server::CrmSyncService,
 };
 use leadrelay_runtime::adapter::{Abilities, Credentials, external_ref, open_link};
+use leadrelay_runtime::mappings::{FieldMapping, attribute_value, value_text};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 use tonic::{Request, Response, Status};
@@ -86,10 +87,47 @@ struct Contact {
     name: String,
     emails: Vec<String>,
     phones: Vec<String>,
+    /// The person's custom fields as the config file maps the lead's attributes.
+    custom_fields: Map<String, Value>,
+}
+
+/// The custom fields `mappings` fill from `raw` attributes, by Pipedrive field key. Text and
+/// numbers go as they are; a list (e.g. several sources) becomes comma-separated text.
+fn mapped_custom_fields(
+    raw: &std::collections::HashMap<String, leadrelay_proto::v1::RawAttribute>,
+    mappings: &[FieldMapping],
+) -> Map<String, Value> {
+    mappings
+        .iter()
+        .filter_map(|mapping| {
+            let value = match attribute_value(raw, &mapping.attribute)? {
+                value @ (Value::String(_) | Value::Number(_)) => value,
+                other => Value::String(value_text(&other)),
+            };
+            Some((mapping.field.clone(), value))
+        })
+        .collect()
+}
+
+/// The entries of `wanted` that `current` (a record's `custom_fields`) does not hold already.
+fn custom_fields_patch(current: Option<&Value>, wanted: &Map<String, Value>) -> Map<String, Value> {
+    wanted
+        .iter()
+        .filter(|(key, value)| {
+            let held = current.and_then(|fields| fields.get(key.as_str()));
+            match (held, value) {
+                (Some(Value::Number(held)), Value::Number(value)) => {
+                    held.as_f64() != value.as_f64()
+                }
+                (held, value) => held != Some(*value),
+            }
+        })
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
 }
 
 impl Contact {
-    fn of_lead(lead: &Lead) -> Self {
+    fn of_lead(lead: &Lead, mappings: &[FieldMapping]) -> Self {
         let emails: Vec<String> = lead
             .emails
             .iter()
@@ -106,6 +144,7 @@ impl Contact {
             name: lead.name.trim().to_owned(),
             emails,
             phones,
+            custom_fields: mapped_custom_fields(&lead.raw, mappings),
         }
     }
 
@@ -166,6 +205,12 @@ async fn sync_person(
         if !contact.phones.is_empty() {
             body.insert("phones".to_owned(), contacts(&contact.phones, "work"));
         }
+        if !contact.custom_fields.is_empty() {
+            body.insert(
+                "custom_fields".to_owned(),
+                Value::Object(contact.custom_fields.clone()),
+            );
+        }
         let created: WirePerson = api.client().send(Method::POST, "persons", &body).await?;
         return Ok((created.id.0, SyncOutcome::Created));
     };
@@ -173,8 +218,12 @@ async fn sync_person(
     let Some(changed_fields) = changed_fields else {
         return Ok((id, SyncOutcome::Unchanged));
     };
-    let current = leadrelay_proto::pipedrive::v1::Person::from(person);
     let mut patch = Map::new();
+    let custom = custom_fields_patch(person.custom_fields.as_ref(), &contact.custom_fields);
+    if !custom.is_empty() {
+        patch.insert("custom_fields".to_owned(), Value::Object(custom));
+    }
+    let current = leadrelay_proto::pipedrive::v1::Person::from(person);
     if wanted(changed_fields, "name") && !contact.name.is_empty() && contact.name != current.name {
         patch.insert("name".to_owned(), json!(contact.name));
     }
@@ -390,7 +439,7 @@ impl CrmSyncService for PipedriveSync {
         let lead = request
             .lead
             .ok_or_else(|| Status::invalid_argument("lead is required"))?;
-        let contact = Contact::of_lead(&lead);
+        let contact = Contact::of_lead(&lead, api.person_fields());
         let link = linked(&lead.external_refs, RemoteKind::PipedrivePerson);
         if contact.is_empty() && link.is_none() {
             return Err(Status::invalid_argument(format!(
@@ -437,7 +486,7 @@ impl CrmSyncService for PipedriveSync {
         let (person_link, contact) = match &request.contact {
             Some(lead) => (
                 linked(&lead.external_refs, RemoteKind::PipedrivePerson),
-                Contact::of_lead(lead),
+                Contact::of_lead(lead, api.person_fields()),
             ),
             None => {
                 let given = deal.contact.clone().unwrap_or_default();
@@ -451,6 +500,7 @@ impl CrmSyncService for PipedriveSync {
                         .filter(|phone| !phone.is_empty())
                         .into_iter()
                         .collect(),
+                    custom_fields: Map::new(),
                 };
                 (None, contact)
             }
@@ -486,10 +536,15 @@ impl CrmSyncService for PipedriveSync {
             (current, _, _) => current,
         };
 
+        let custom = mapped_custom_fields(&deal.raw, api.deal_fields());
         let outcome = match current {
             Some((id, current)) => {
                 refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, id));
-                let patch = deal_patch(&current, fields, &request.changed_fields);
+                let mut patch = deal_patch(&current, fields, &request.changed_fields);
+                let custom = custom_fields_patch(current.get("custom_fields"), &custom);
+                if !custom.is_empty() {
+                    patch.insert("custom_fields".to_owned(), Value::Object(custom));
+                }
                 if patch.is_empty() {
                     SyncOutcome::Unchanged
                 } else {
@@ -501,8 +556,12 @@ impl CrmSyncService for PipedriveSync {
                 }
             }
             None => {
+                let mut custom = custom;
                 if let Some((key, id)) = marker {
-                    fields.insert("custom_fields".to_owned(), json!({ key: id }));
+                    custom.insert(key.to_owned(), json!(id));
+                }
+                if !custom.is_empty() {
+                    fields.insert("custom_fields".to_owned(), Value::Object(custom));
                 }
                 let created: WireDeal = api.client().send(Method::POST, "deals", &fields).await?;
                 refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, created.id.0));

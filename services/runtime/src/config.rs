@@ -288,6 +288,8 @@ pub struct PipedriveSettings {
     pub webhook_password: Option<SecretString>,
     /// Call budget per API token.
     pub rate_limit: RateLimit,
+    /// Search calls' own burst limit (Pipedrive documents 10 per 2 s on every plan).
+    pub search_rate_limit: RateLimit,
     /// Trigger polling interval.
     pub poll_interval: Duration,
     /// How long one Pipedrive call may take.
@@ -353,6 +355,9 @@ pub struct TelemetrySettings {
 pub struct Settings {
     /// The orchestrator's store.
     pub database_url: DatabaseUrl,
+    /// How long a sync runner may stay silent before another runner takes its claimed jobs
+    /// again; a live runner renews each lease every third of it.
+    pub job_lease: Duration,
     /// Hana.
     pub hana: HanaSettings,
     /// Pipedrive.
@@ -369,6 +374,8 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     /// Which systems Hana events go to, from the file's `[[routes]]`; empty for the defaults.
     pub routes: crate::routes::Routes,
+    /// Which Hana attribute fills which CRM field, from the file's `[mappings]`.
+    pub mappings: crate::mappings::Mappings,
 }
 
 /// One known setting: its environment variable and its key in the file.
@@ -385,6 +392,7 @@ const fn key(env: &'static str, table: Option<&'static str>, name: &'static str)
 /// Every setting LeadRelay reads. `OTEL_*` and `RUST_LOG` keep their standard names.
 const KEYS: &[Key] = &[
     key("LEADRELAY_DATABASE_URL", None, "database_url"),
+    key("LEADRELAY_JOB_LEASE", None, "job_lease"),
     key(
         "LEADRELAY_HANA_WEBHOOK_TOKEN",
         Some("hana"),
@@ -417,6 +425,11 @@ const KEYS: &[Key] = &[
         "LEADRELAY_PIPEDRIVE_RATE_LIMIT",
         Some("pipedrive"),
         "rate_limit",
+    ),
+    key(
+        "LEADRELAY_PIPEDRIVE_SEARCH_RATE_LIMIT",
+        Some("pipedrive"),
+        "search_rate_limit",
     ),
     key(
         "LEADRELAY_PIPEDRIVE_POLL_INTERVAL",
@@ -518,9 +531,9 @@ impl Settings {
         let config_file = lookup(CONFIG_FILE_VAR)
             .filter(|path| !path.is_empty())
             .map(PathBuf::from);
-        let (mut values, routes) = match &config_file {
+        let (mut values, routes, mappings) = match &config_file {
             Some(path) => read_file(path)?,
-            None => (BTreeMap::new(), crate::routes::Routes::default()),
+            None => Default::default(),
         };
         for key in KEYS {
             if let Some(value) = lookup(key.env) {
@@ -538,6 +551,7 @@ impl Settings {
         }
         let mut settings = Self::validate(RawSettings { values }, config_file)?;
         settings.routes = routes;
+        settings.mappings = mappings;
         Ok(settings)
     }
 
@@ -578,6 +592,7 @@ impl Settings {
                 "sqlite://data/leadrelay.db",
                 str::parse,
             )?,
+            job_lease: raw.take_or("LEADRELAY_JOB_LEASE", "30s", parse_duration)?,
             hana: HanaSettings {
                 webhook_token: raw.take("LEADRELAY_HANA_WEBHOOK_TOKEN", parse_secret)?,
                 api_url: raw.take("LEADRELAY_HANA_API_URL", parse_http_url)?,
@@ -596,6 +611,11 @@ impl Settings {
                 webhook_user: raw.take("LEADRELAY_PIPEDRIVE_WEBHOOK_USER", parse_nonempty)?,
                 webhook_password: raw.take("LEADRELAY_PIPEDRIVE_WEBHOOK_PASSWORD", parse_secret)?,
                 rate_limit: raw.take_or("LEADRELAY_PIPEDRIVE_RATE_LIMIT", "100/60s", str::parse)?,
+                search_rate_limit: raw.take_or(
+                    "LEADRELAY_PIPEDRIVE_SEARCH_RATE_LIMIT",
+                    "10/2s",
+                    str::parse,
+                )?,
                 poll_interval: raw.take_or(
                     "LEADRELAY_PIPEDRIVE_POLL_INTERVAL",
                     "120s",
@@ -622,6 +642,7 @@ impl Settings {
             },
             config_file,
             routes: crate::routes::Routes::default(),
+            mappings: crate::mappings::Mappings::default(),
         };
         settings.check_pairs()?;
         Ok(settings)
@@ -712,7 +733,11 @@ pub fn loopback_url(listen: SocketAddr) -> String {
 
 /// Reads the file's settings as raw strings, rejecting keys LeadRelay does not know.
 /// The settings in the file, and its routes.
-type FileSettings = (BTreeMap<&'static str, RawValue>, crate::routes::Routes);
+type FileSettings = (
+    BTreeMap<&'static str, RawValue>,
+    crate::routes::Routes,
+    crate::mappings::Mappings,
+);
 
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     let origin = format!("{CONFIG_FILE_VAR} ({})", path.display());
@@ -764,7 +789,8 @@ fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
         }
     }
     let routes = crate::routes::parse(path, &text)?;
-    Ok((values, routes))
+    let mappings = crate::mappings::parse(path, &text)?;
+    Ok((values, routes, mappings))
 }
 
 #[cfg(test)]

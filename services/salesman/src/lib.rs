@@ -34,6 +34,8 @@ use self::client::{
 pub struct SalesManAdapter {
     credentials: Credentials,
     client: Option<Arc<SalesManClient>>,
+    /// Hana attributes → lead parameters, from the config file.
+    fields: Vec<leadrelay_runtime::mappings::FieldMapping>,
 }
 
 impl SalesManAdapter {
@@ -53,6 +55,7 @@ impl SalesManAdapter {
         Ok(Self {
             credentials: Credentials::new("SalesMan", settings.salesman_missing()),
             client,
+            fields: settings.mappings.salesman.clone(),
         })
     }
 
@@ -63,7 +66,11 @@ impl SalesManAdapter {
 
     /// The adapter's gRPC routes: its native service and `CrmSyncService`.
     pub fn routes(self) -> Routes {
-        let sync = sync::SalesManSync::new(self.credentials.clone(), self.client.clone());
+        let sync = sync::SalesManSync::new(
+            self.credentials.clone(),
+            self.client.clone(),
+            self.fields.clone(),
+        );
         Routes::new(SalesManAdapterServiceServer::new(self))
             .add_service(CrmSyncServiceServer::new(sync))
     }

@@ -20,7 +20,10 @@ use leadrelay_proto::{
         crm_sync_service_server::CrmSyncService,
     },
 };
-use leadrelay_runtime::adapter::{Abilities, Credentials, external_ref, open_link};
+use leadrelay_runtime::{
+    adapter::{Abilities, Credentials, external_ref, open_link},
+    mappings::{FieldMapping, attribute_value, value_text},
+};
 use tonic::{Request, Response, Status};
 
 use crate::client::{Direction, ListFilter, SalesManClient};
@@ -56,15 +59,22 @@ fn marker(lead_id: &str) -> String {
 pub struct SalesManSync {
     credentials: Credentials,
     client: Option<Arc<SalesManClient>>,
+    fields: Vec<FieldMapping>,
 }
 
 impl SalesManSync {
     /// The sync over `client`; without it every call but GetCapabilities answers
     /// FAILED_PRECONDITION naming what `credentials` lacks.
-    pub fn new(credentials: Credentials, client: Option<Arc<SalesManClient>>) -> Self {
+    /// `fields` copies Hana attributes into lead parameters (`[mappings.salesman]`).
+    pub fn new(
+        credentials: Credentials,
+        client: Option<Arc<SalesManClient>>,
+        fields: Vec<FieldMapping>,
+    ) -> Self {
         Self {
             credentials,
             client,
+            fields,
         }
     }
 
@@ -89,8 +99,8 @@ fn lead_ref(id: i64) -> ExternalRef {
     external_ref(System::Salesman, RemoteKind::SalesmanLead, &id)
 }
 
-/// The `add` request a canonical lead becomes.
-fn add_request(lead: &Lead) -> AddLeadRequest {
+/// The `add` request a canonical lead becomes, with the mapped attributes in their parameters.
+fn add_request(lead: &Lead, fields: &[FieldMapping]) -> AddLeadRequest {
     let mut description = Vec::new();
     if !lead.conversation_url.trim().is_empty() {
         description.push(format!("Hana: {}", lead.conversation_url.trim()));
@@ -99,7 +109,7 @@ fn add_request(lead: &Lead) -> AddLeadRequest {
         description.push(lead.source_channels.join(", "));
     }
     description.push(marker(&lead.id));
-    AddLeadRequest {
+    let mut request = AddLeadRequest {
         title: lead.name.trim().to_owned(),
         email: lead.emails.first().cloned().unwrap_or_default(),
         phone: lead.phones.first().cloned().unwrap_or_default(),
@@ -107,7 +117,28 @@ fn add_request(lead: &Lead) -> AddLeadRequest {
         path: lead.source_type.trim().to_owned(),
         utm_source: "hana".to_owned(),
         ..Default::default()
+    };
+    for mapping in fields {
+        let Some(value) = attribute_value(&lead.raw, &mapping.attribute) else {
+            continue;
+        };
+        let parameter = match mapping.field.as_str() {
+            "company" => &mut request.company,
+            "ip" => &mut request.ip,
+            "country" => &mut request.country,
+            "city" => &mut request.city,
+            "partner" => &mut request.partner,
+            "user" => &mut request.user,
+            "utm_medium" => &mut request.utm_medium,
+            "utm_campaign" => &mut request.utm_campaign,
+            "utm_term" => &mut request.utm_term,
+            "utm_content" => &mut request.utm_content,
+            // The config file accepts no other parameter.
+            _ => continue,
+        };
+        *parameter = value_text(&value);
     }
+    request
 }
 
 fn not_supported<T>(
@@ -149,7 +180,7 @@ impl CrmSyncService for SalesManSync {
                 UpsertLeadResponse { outcome, refs }
             }));
         }
-        let add = add_request(&lead);
+        let add = add_request(&lead, &self.fields);
         if [&add.title, &add.email, &add.phone]
             .iter()
             .all(|value| value.trim().is_empty())
