@@ -6,8 +6,8 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicI64, AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -34,51 +34,6 @@ const TOKEN: &str = "sync-crash-token";
 const PIPEDRIVE_TOKEN: &str = "pd-crash-token-42";
 const SALESMAN_LOGIN: &str = "manager@isaler.ru";
 const SALESMAN_KEY: &str = "sm-crash-key-19";
-
-/// A SalesMan that keeps the leads added to it: `add` stores one and `list` returns them newest
-/// first, 200 per page, so LeadRelay's marker search finds a lead it added before a crash.
-async fn stateful_salesman(server: &MockServer) -> Arc<Mutex<Vec<Value>>> {
-    let leads: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let next_id = Arc::new(AtomicI64::new(1000));
-    salesman::mount(server, SALESMAN_LOGIN, SALESMAN_KEY, {
-        let leads = leads.clone();
-        move |fields| {
-            let Ok(mut leads) = leads.lock() else {
-                return wiremock::ResponseTemplate::new(500);
-            };
-            match fields.get("action").map(String::as_str) {
-                Some("add") => {
-                    let id = next_id.fetch_add(1, Ordering::SeqCst);
-                    let mut record = salesman::lead_record(id, 0);
-                    record["title"] = json!(fields.get("title").cloned().unwrap_or_default());
-                    record["email"] = json!(fields.get("email").cloned().unwrap_or_default());
-                    record["description"] =
-                        json!(fields.get("description").cloned().unwrap_or_default());
-                    leads.push(record);
-                    salesman::v1(&json!({"result": {"text": "Success", "id": id}}))
-                }
-                Some("list") => {
-                    let offset: usize = fields
-                        .get("offset")
-                        .and_then(|offset| offset.parse().ok())
-                        .unwrap_or(0);
-                    let page: Vec<Value> =
-                        leads.iter().rev().skip(offset).take(200).cloned().collect();
-                    if page.is_empty() {
-                        salesman::v1(
-                            &json!({"result":"Error","error":{"code":"404","text":"Не найдено"}}),
-                        )
-                    } else {
-                        salesman::v1(&json!({ "data": page }))
-                    }
-                }
-                _ => salesman::documented_answers(fields),
-            }
-        }
-    })
-    .await;
-    leads
-}
 
 /// The lead and, for every fourth, the ticket of sender unit `number`.
 fn unit(number: usize) -> (Value, Option<Value>) {
@@ -154,7 +109,8 @@ async fn two_replicas_killed_again_and_again_lose_nothing_and_duplicate_nothing(
     let crm = Crm::new();
     crm.mount(&pipedrive_fake).await;
     let salesman_fake = MockServer::start().await;
-    let salesman_leads = stateful_salesman(&salesman_fake).await;
+    let salesman_leads =
+        salesman::mount_stateful(&salesman_fake, SALESMAN_LOGIN, SALESMAN_KEY).await;
 
     // Hana takes the write-backs: the ids of the new records, and what the Pipedrive poller
     // learns of the new deals (their stage).
@@ -338,8 +294,33 @@ async fn two_replicas_killed_again_and_again_lose_nothing_and_duplicate_nothing(
         assert_eq!(records.deals.len(), tickets, "one deal per ticket");
         assert_eq!(records.activities.len(), tickets, "one activity per ticket");
     }
-    let salesman_leads = salesman_leads.lock().map_err(|_| "poisoned")?.len();
-    assert_eq!(salesman_leads, LEADS, "one SalesMan lead per lead");
+    let added = salesman_leads.lock().map_err(|_| "poisoned")?.clone();
+    // For a lead added twice: how far apart, and how many other adds came in between (SalesMan's
+    // v1 list shows only the newest 200, so the second add must come before 200 others).
+    let mut first_add: HashMap<String, usize> = HashMap::new();
+    let mut twice = Vec::new();
+    for (index, lead) in added.iter().enumerate() {
+        let email = lead.record["email"].as_str().unwrap_or_default().to_owned();
+        if let Some(&first) = first_add.get(&email) {
+            twice.push(format!(
+                "{email}: again after {:?}, {} adds between",
+                lead.at.duration_since(added[first].at),
+                index - first - 1
+            ));
+        } else {
+            first_add.insert(email, index);
+        }
+    }
+    if !twice.is_empty() {
+        let retried: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT id, attempts, last_error FROM jobs WHERE target = 'salesman' AND attempts > 1 \
+             ORDER BY attempts DESC LIMIT 20",
+        )
+        .fetch_all(&mut sqlx::PgConnection::connect(database.url()).await?)
+        .await?;
+        panic!("SalesMan leads added twice: {twice:#?}\nSalesMan jobs retried: {retried:#?}");
+    }
+    assert_eq!(added.len(), LEADS, "one SalesMan lead per lead");
     assert!(crm.problems().is_empty(), "{:#?}", crm.problems());
     drop(replicas);
     database.drop_database().await?;

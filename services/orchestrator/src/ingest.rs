@@ -96,6 +96,7 @@ pub struct IngestPolicy {
 pub struct Ingester {
     queue: mpsc::Sender<Pending>,
     policy: std::sync::Arc<IngestPolicy>,
+    store: Store,
 }
 
 struct Pending {
@@ -158,6 +159,7 @@ impl Ingester {
     /// statements synchronously; on Postgres it is a task on the runtime, using the pool.
     pub fn start(store: Store, policy: IngestPolicy) -> Result<Self, StoreError> {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let handle = store.clone();
         match store.sqlite_path() {
             Some(path) => {
                 let committer = SqliteCommitter::open(path)?;
@@ -176,6 +178,7 @@ impl Ingester {
         Ok(Self {
             queue,
             policy: std::sync::Arc::new(policy),
+            store: handle,
         })
     }
 
@@ -187,7 +190,11 @@ impl Ingester {
             .send(Pending { checked, reply })
             .await
             .map_err(|_| IngestError::Stopped)?;
-        answer.await.map_err(|_| IngestError::Stopped)?
+        let outcome = answer.await.map_err(|_| IngestError::Stopped)??;
+        if !outcome.duplicate && !outcome.quarantined {
+            self.store.notify_jobs_queued();
+        }
+        Ok(outcome)
     }
 }
 

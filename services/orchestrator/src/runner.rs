@@ -29,7 +29,6 @@ use leadrelay_proto::v1::{
     crm_sync_service_client::CrmSyncServiceClient,
 };
 use sqlx::Row;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
 
@@ -48,11 +47,8 @@ pub const MAX_ATTEMPTS: i64 = 8;
 /// unless set. A live runner renews the lease every third of it.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
-/// Jobs claimed per round.
-const BATCH: i64 = 32;
-
-/// Calls in flight per target.
-const PER_TARGET: usize = 4;
+/// Calls in flight per target. Pipedrive's pacing bounds its rate whatever this is.
+const PER_TARGET: usize = 8;
 
 /// How often an idle runner looks for due jobs.
 const IDLE: Duration = Duration::from_millis(200);
@@ -91,8 +87,8 @@ enum Finished {
     Dead(String),
 }
 
-/// A target's adapter and the permits that bound its calls in flight.
-type Target = (CrmSyncServiceClient<Channel>, Arc<Semaphore>);
+/// A target's adapter.
+type Target = CrmSyncServiceClient<Channel>;
 
 /// Runs the jobs of the configured targets.
 #[derive(Clone, Debug)]
@@ -110,13 +106,7 @@ impl JobRunner {
     ) -> Result<Self, crate::poller::PollError> {
         let mut adapters = HashMap::new();
         for (system, url) in targets {
-            adapters.insert(
-                *system,
-                (
-                    CrmSyncServiceClient::new(lazy_channel(url)?),
-                    Arc::new(Semaphore::new(PER_TARGET)),
-                ),
-            );
+            adapters.insert(*system, CrmSyncServiceClient::new(lazy_channel(url)?));
         }
         Ok(Self {
             store,
@@ -132,48 +122,67 @@ impl JobRunner {
         self
     }
 
-    /// Runs due jobs until `shutdown`.
+    /// Runs due jobs until `shutdown`, then lets the jobs in flight finish.
+    ///
+    /// Each target runs up to [`PER_TARGET`] jobs at once, and the runner claims only what it
+    /// can start at once: a claimed job never waits behind others while its lease runs, so after
+    /// a crash only the calls really in flight are retried, one lease later. A finished job
+    /// makes room at once and may let its entity's next job run; jobs queued by this process
+    /// wake the runner; jobs queued by another replica are found within [`IDLE`].
     pub async fn run(self, shutdown: CancellationToken) {
-        loop {
-            let ran = match self.run_once().await {
-                Ok(ran) => ran,
-                Err(error) => {
-                    tracing::warn!(%error, "the job runner could not claim jobs; it tries again");
-                    0
-                }
-            };
-            if ran == 0 {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(IDLE) => {}
-                }
-            } else if shutdown.is_cancelled() {
-                return;
-            }
-        }
-    }
-
-    /// Claims the due jobs once and runs them; returns how many ran.
-    pub async fn run_once(&self) -> Result<usize, StoreError> {
-        if self.adapters.is_empty() {
-            return Ok(0);
-        }
-        let claimed = self.claim().await?;
-        let count = claimed.len();
         let mut running = tokio::task::JoinSet::new();
-        for job in claimed {
-            let runner = self.clone();
-            running.spawn(async move { runner.execute(job).await });
-        }
-        while let Some(result) = running.join_next().await {
-            if let Ok(Err(error)) = result {
-                tracing::warn!(%error, "a job's outcome could not be stored; its lease will expire and it runs again");
+        let mut in_flight: HashMap<System, usize> = HashMap::new();
+        loop {
+            for target in self.adapters.keys().copied() {
+                let busy = in_flight.get(&target).copied().unwrap_or(0);
+                let room = PER_TARGET.saturating_sub(busy);
+                if room == 0 {
+                    continue;
+                }
+                match self.claim(target, room).await {
+                    Ok(claimed) => {
+                        *in_flight.entry(target).or_default() += claimed.len();
+                        for job in claimed {
+                            let runner = self.clone();
+                            running.spawn(async move {
+                                let outcome = runner.execute(&job).await;
+                                (job.target, outcome)
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the job runner could not claim jobs; it tries again");
+                    }
+                }
+            }
+            let mut finished =
+                |done: Result<(System, Result<(), IngestError>), tokio::task::JoinError>| {
+                    if let Ok((target, _)) = &done
+                        && let Some(busy) = in_flight.get_mut(target)
+                    {
+                        *busy = busy.saturating_sub(1);
+                    }
+                    report(done.map(|(_, outcome)| outcome));
+                };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    finished(done);
+                    while let Some(done) = running.try_join_next() {
+                        finished(done);
+                    }
+                }
+                () = self.store.jobs_queued() => {}
+                () = tokio::time::sleep(IDLE) => {}
             }
         }
-        Ok(count)
+        while let Some(done) = running.join_next().await {
+            report(done.map(|(_, outcome)| outcome));
+        }
     }
 
-    async fn claim(&self) -> Result<Vec<Claimed>, StoreError> {
+    /// Claims up to `limit` due jobs for `target` in one transaction.
+    async fn claim(&self, target: System, limit: usize) -> Result<Vec<Claimed>, StoreError> {
         let now = now_ms();
         let pool = self.store.pool();
         // Jobs whose runner died are taken again.
@@ -184,31 +193,23 @@ impl JobRunner {
         .bind(now - self.lease_ms)
         .execute(pool)
         .await?;
-        let targets: Vec<&str> = self
-            .adapters
-            .keys()
-            .map(|system| system_name(*system))
-            .collect();
-        let placeholders: Vec<String> = (0..targets.len())
-            .map(|index| format!("${}", index + 2))
-            .collect();
         let sql = format!(
             "SELECT seq, id, event_id, target, operation, entity_id, attempts FROM jobs j \
-             WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target IN ({}) \
+             WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target = $2 \
              AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.target = j.target AND k.entity_id = j.entity_id \
                              AND k.seq < j.seq AND k.state IN ('pending', 'running')) \
              AND NOT EXISTS (SELECT 1 FROM deals d JOIN jobs c ON c.entity_id = d.contact_lead_id \
                              WHERE j.entity_type = 'deal' AND d.id = j.entity_id AND c.target = j.target \
                              AND c.seq < j.seq AND c.state IN ('pending', 'running')) \
-             ORDER BY j.seq LIMIT {BATCH}",
-            placeholders.join(", ")
+             ORDER BY j.seq LIMIT {limit}"
         );
-        let mut query = sqlx::query(&sql).bind(now);
-        for target in &targets {
-            query = query.bind(*target);
-        }
+        let query = sqlx::query(&sql).bind(now).bind(system_name(target));
         let rows = query.fetch_all(pool).await?;
         let mut claimed = Vec::new();
+        if rows.is_empty() {
+            return Ok(claimed);
+        }
+        let mut transaction = self.store.begin_write().await?;
         for row in rows {
             let seq: i64 = row.try_get("seq")?;
             let job = Claimed {
@@ -219,7 +220,6 @@ impl JobRunner {
                 entity_id: row.try_get("entity_id")?,
                 attempts: row.try_get("attempts")?,
             };
-            let mut transaction = self.store.begin_write().await?;
             let taken = sqlx::query(
                 "UPDATE jobs SET state = 'running', updated_at = $1 WHERE id = $2 AND state = 'pending'",
             )
@@ -251,29 +251,26 @@ impl JobRunner {
                 .execute(&mut *transaction)
                 .await?;
             }
-            transaction.commit().await?;
             claimed.push(job);
         }
+        transaction.commit().await?;
         Ok(claimed)
     }
 
-    async fn execute(&self, job: Claimed) -> Result<(), IngestError> {
-        let Some((client, permits)) = self.adapters.get(&job.target) else {
+    async fn execute(&self, job: &Claimed) -> Result<(), IngestError> {
+        let Some(client) = self.adapters.get(&job.target) else {
             return Ok(());
         };
-        // The lease is renewed while the job waits for its turn and while its call runs, so a
-        // slow call is never taken by a second runner; only a dead runner's lease runs out.
+        // The lease is renewed while the call runs, so a slow call is never taken by a second
+        // runner; only a dead runner's lease runs out.
         let finished = tokio::select! {
-            finished = async {
-                let _permit = permits.acquire().await;
-                match self.call(client.clone(), &job).await {
-                    Ok(finished) => finished,
-                    Err(status) => classify(&job, &status),
-                }
-            } => finished,
+            called = self.call(client.clone(), job) => match called {
+                Ok(finished) => finished,
+                Err(status) => classify(job, &status),
+            },
             () = self.renew_lease(&job.id) => return Ok(()),
         };
-        self.finish(&job, finished).await
+        self.finish(job, finished).await
     }
 
     /// Keeps `job_id`'s lease alive, renewing it every third of the lease; returns only if the
@@ -586,6 +583,19 @@ async fn queue_hana_write_back(
 
 fn lease_ms(lease: Duration) -> i64 {
     i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Logs a job whose outcome could not be stored.
+fn report(finished: Result<Result<(), IngestError>, tokio::task::JoinError>) {
+    match finished {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "a job's outcome could not be stored; its lease will expire and it runs again");
+        }
+        Err(error) => {
+            tracing::warn!(%error, "a job's task failed; its lease will expire and it runs again")
+        }
+    }
 }
 
 /// What a failed call means for its job.

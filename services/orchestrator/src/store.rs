@@ -88,6 +88,8 @@ pub struct Store {
     backend: Backend,
     database: String,
     sqlite_path: Option<std::path::PathBuf>,
+    /// Woken when this process queues sync jobs, so the runner need not wait for its next look.
+    jobs_queued: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Store {
@@ -135,7 +137,18 @@ impl Store {
             backend,
             database,
             sqlite_path,
+            jobs_queued: std::sync::Arc::default(),
         })
+    }
+
+    /// Tells this process's job runner that jobs were committed.
+    pub fn notify_jobs_queued(&self) {
+        self.jobs_queued.notify_one();
+    }
+
+    /// Resolves when [`Store::notify_jobs_queued`] is next called (or was, since the last wait).
+    pub async fn jobs_queued(&self) {
+        self.jobs_queued.notified().await;
     }
 
     /// Applies the migrations that are not applied yet.

@@ -113,3 +113,63 @@ pub fn documented_answers(fields: &HashMap<String, String>) -> ResponseTemplate 
         _ => v1(&json!({"result":"Error","error":{"code":"402","text":"Неизвестный метод"}})),
     }
 }
+
+/// A lead a [`mount_stateful`] SalesMan holds, with when it was added.
+#[derive(Clone, Debug)]
+pub struct Added {
+    /// When the `add` arrived.
+    pub at: std::time::Instant,
+    /// The lead as `list` returns it.
+    pub record: Value,
+}
+
+/// The leads a [`mount_stateful`] SalesMan holds, oldest first.
+pub type Leads = Arc<Mutex<Vec<Added>>>;
+
+/// A SalesMan that keeps the leads added to it: `add` stores one (ids from 1000) and `list`
+/// returns the newest 200 — as v1 does, whatever the offset — so a lead added earlier is found
+/// by the marker in its description only while fewer than 200 newer leads exist.
+pub async fn mount_stateful(server: &MockServer, login: &str, api_key: &str) -> Leads {
+    let leads = Leads::default();
+    mount(server, login, api_key, {
+        let leads = leads.clone();
+        move |fields| {
+            let mut leads = leads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match fields.get("action").map(String::as_str) {
+                Some("add") => {
+                    let id = 1000 + i64::try_from(leads.len()).unwrap_or(i64::MAX - 1000);
+                    let mut record = lead_record(id, 0);
+                    for field in ["title", "email", "phone", "description", "company", "city"] {
+                        record[field] = json!(fields.get(field).cloned().unwrap_or_default());
+                    }
+                    leads.push(Added {
+                        at: std::time::Instant::now(),
+                        record,
+                    });
+                    v1(&json!({"result": {"text": "Success", "id": id}}))
+                }
+                Some("list") if fields.get("offset").is_none_or(|offset| offset == "0") => {
+                    let page: Vec<Value> = leads
+                        .iter()
+                        .rev()
+                        .take(200)
+                        .map(|added| added.record.clone())
+                        .collect();
+                    if page.is_empty() {
+                        v1(&json!({"result":"Error","error":{"code":"404","text":"Не найдено"}}))
+                    } else {
+                        v1(&json!({ "data": page }))
+                    }
+                }
+                Some("list") => {
+                    v1(&json!({"result":"Error","error":{"code":"404","text":"Не найдено"}}))
+                }
+                _ => documented_answers(fields),
+            }
+        }
+    })
+    .await;
+    leads
+}

@@ -50,8 +50,19 @@ pub struct Records {
     pub activities: BTreeMap<i64, Value>,
     /// Custom deal fields added through the API.
     pub deal_fields: Vec<Value>,
-    /// Every write applied, as `METHOD /path`, in order.
-    pub writes: Vec<String>,
+    /// Every write applied, in order.
+    pub writes: Vec<Write>,
+}
+
+/// A write the fake applied.
+#[derive(Clone, Debug)]
+pub struct Write {
+    /// `METHOD /path`.
+    pub call: String,
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// Its JSON body.
+    pub body: Value,
 }
 
 impl Records {
@@ -65,7 +76,7 @@ impl Records {
         let wanted = format!("{method} {path_prefix}");
         self.writes
             .iter()
-            .filter(|write| write.starts_with(&wanted))
+            .filter(|write| write.call.starts_with(&wanted))
             .count()
     }
 }
@@ -195,7 +206,9 @@ impl Crm {
             .query_pairs()
             .map(|(name, value)| (name.into_owned(), value.into_owned()))
             .collect();
+        let arrived = std::time::Instant::now();
         let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let request_body = body.clone();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let mut records = self.records();
         let id_of = |segment: &str| segment.parse::<i64>().ok();
@@ -278,7 +291,11 @@ impl Crm {
         match answer {
             Some((status, body)) => {
                 if method != "GET" {
-                    records.writes.push(format!("{method} {path}"));
+                    records.writes.push(Write {
+                        call: format!("{method} {path}"),
+                        at: arrived,
+                        body: request_body,
+                    });
                 }
                 (status, body)
             }
