@@ -509,6 +509,92 @@ salesman_lead_id = ""
     Ok(())
 }
 
+async fn a_pipedrive_400_is_a_dead_letter_with_its_message_and_a_replay_after_the_fix_is_done(
+    database_url: Option<&str>,
+) -> TestResult {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use leadrelay_proto::v1::{ListJobsRequest, ReplayDeadLettersRequest};
+    use leadrelay_testkit::pipedrive::crm::{Crm, Fault};
+
+    const REFUSAL: &str = "Person field 'name' is required";
+    // Pipedrive refuses every new person until the account is fixed.
+    let fixed = Arc::new(AtomicBool::new(false));
+    let crm = Crm::with_faults(Box::new({
+        let fixed = fixed.clone();
+        move |_, request| {
+            let creates_person =
+                request.method.as_str() == "POST" && request.url.path() == "/api/v2/persons";
+            if creates_person && !fixed.load(Ordering::SeqCst) {
+                Fault::Refused(REFUSAL)
+            } else {
+                Fault::None
+            }
+        }
+    }));
+    let pipedrive_fake = MockServer::start().await;
+    crm.mount(&pipedrive_fake).await;
+    let folder = tempfile::tempdir()?;
+    let pipedrive_url = pipedrive_fake.uri();
+    let up = start_on(
+        folder.path(),
+        database_url,
+        &[
+            ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
+            ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
+            ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
+        ],
+    )?;
+    let event_id = post_hana(&up, "lead.created", SEED_SAMPLE.to_owned()).await?;
+    let pipedrive_job = |jobs: &[leadrelay_proto::v1::Job]| {
+        jobs.iter()
+            .find(|job| job.target() == System::Pipedrive)
+            .cloned()
+    };
+    let jobs = wait_for_jobs(&up, &event_id, |jobs| {
+        pipedrive_job(jobs).is_some_and(|job| job.state() == JobState::Dead)
+    })
+    .await?;
+    let dead = pipedrive_job(&jobs).ok_or("a Pipedrive job")?;
+    assert_eq!(dead.attempts, 1, "a 400 is not retried");
+    assert!(dead.last_error.contains(REFUSAL), "{}", dead.last_error);
+
+    fixed.store(true, Ordering::SeqCst);
+    let mut orchestrator = OrchestratorServiceClient::new(up.channel("orchestrator").await?);
+    let listed = orchestrator
+        .list_jobs(ListJobsRequest {
+            state: JobState::Dead.into(),
+            target: System::Pipedrive.into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 1);
+    let replayed = orchestrator
+        .replay_dead_letters(ReplayDeadLettersRequest {
+            target: System::Pipedrive.into(),
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .replayed;
+    assert_eq!(replayed, 1);
+    wait_for_jobs(&up, &event_id, |jobs| {
+        pipedrive_job(jobs).is_some_and(|job| job.state() == JobState::Done)
+    })
+    .await?;
+    assert_eq!(crm.records().persons.len(), 1);
+    let lead = seed_lead(&mut orchestrator).await?;
+    assert!(remote(&lead, RemoteKind::PipedrivePerson).is_some());
+    assert!(crm.problems().is_empty(), "{:#?}", crm.problems());
+    Ok(())
+}
+
 /// Whether every job of an event has finished: done, or folded into a job that was.
 fn all_finished(jobs: &[leadrelay_proto::v1::Job]) -> bool {
     !jobs.is_empty()
@@ -798,6 +884,7 @@ on_both_backends!(
     a_ticket_becomes_one_deal_and_one_activity_a_burst_one_patch_and_a_delete_a_lost_deal,
     a_salesman_status_change_is_written_back_to_the_hana_lead,
     the_config_file_s_mappings_fill_the_crm_fields_and_name_the_hana_attributes,
+    a_pipedrive_400_is_a_dead_letter_with_its_message_and_a_replay_after_the_fix_is_done,
     thirty_percent_failures_still_finish_every_job_and_duplicate_nothing,
 );
 

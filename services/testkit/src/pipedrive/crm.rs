@@ -33,6 +33,9 @@ pub enum Fault {
     RateLimited,
     /// Applies the call, then holds the answer back this long.
     SlowAnswer(Duration),
+    /// Answers HTTP 400 with this error message without applying the call, as Pipedrive
+    /// refuses a request it will never accept.
+    Refused(&'static str),
 }
 
 /// Decides the fault of the `n`th call (from 0).
@@ -177,6 +180,13 @@ impl Crm {
             }
             Fault::SlowAnswer(_) => {
                 self.failed.fetch_add(1, Ordering::SeqCst);
+            }
+            Fault::Refused(message) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                return ResponseTemplate::new(400).set_body_json(json!({
+                    "success": false, "error": message, "error_info": "Please check developers.pipedrive.com",
+                    "data": null, "additional_data": null
+                }));
             }
         }
         let method = request.method.as_str().to_owned();
