@@ -60,6 +60,40 @@ pub struct SalesManSync {
     credentials: Credentials,
     client: Option<Arc<SalesManClient>>,
     fields: Vec<FieldMapping>,
+    added: Arc<std::sync::Mutex<RecentlyAdded>>,
+}
+
+/// The SalesMan ids of the leads this adapter added lately, by LeadRelay lead id.
+///
+/// SalesMan's v1 `list` shows only the newest 200 leads, so the marker search finds a lead added
+/// before an orchestrator crash only until 200 more arrive; a retry that comes later (a job
+/// orphaned several times in a row) would add the lead again. The orchestrator's crash does not
+/// stop this adapter, so the retry finds the id here first. The marker search still covers a
+/// restart of the adapter itself.
+#[derive(Debug, Default)]
+struct RecentlyAdded {
+    ids: std::collections::HashMap<String, i64>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// Leads remembered by [`RecentlyAdded`]: a day of a busy account's leads, a few MiB.
+const REMEMBERED: usize = 50_000;
+
+impl RecentlyAdded {
+    fn get(&self, lead_id: &str) -> Option<i64> {
+        self.ids.get(lead_id).copied()
+    }
+
+    fn insert(&mut self, lead_id: &str, id: i64) {
+        if self.ids.insert(lead_id.to_owned(), id).is_none() {
+            self.order.push_back(lead_id.to_owned());
+        }
+        while self.order.len() > REMEMBERED {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl SalesManSync {
@@ -75,7 +109,14 @@ impl SalesManSync {
             credentials,
             client,
             fields,
+            added: Arc::default(),
         }
+    }
+
+    fn recently_added(&self) -> std::sync::MutexGuard<'_, RecentlyAdded> {
+        self.added
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn client(&self) -> Result<&SalesManClient, Status> {
@@ -190,7 +231,15 @@ impl CrmSyncService for SalesManSync {
                 lead.id
             )));
         }
-        // Added before, with the link lost to a crash? The marker is in its description.
+        // Added before, with the link lost to a crash? This adapter remembers the leads it added
+        // lately; SalesMan has LeadRelay's marker in the description of each.
+        let remembered = self.recently_added().get(&lead.id);
+        if let Some(id) = remembered {
+            return Ok(Response::new(UpsertLeadResponse {
+                outcome: SyncOutcome::Unchanged.into(),
+                refs: vec![lead_ref(id)],
+            }));
+        }
         let wanted = normalize(&marker(&lead.id));
         let newest = client
             .list_page(
@@ -211,6 +260,7 @@ impl CrmSyncService for SalesManSync {
             }));
         }
         let (id, _) = client.add(&add).await?;
+        self.recently_added().insert(&lead.id, id);
         Ok(Response::new(UpsertLeadResponse {
             outcome: SyncOutcome::Created.into(),
             refs: vec![lead_ref(id)],

@@ -45,6 +45,39 @@ fn salesman_ref(id: &str) -> ExternalRef {
 }
 
 #[tokio::test]
+async fn a_lead_hidden_by_200_newer_ones_is_still_not_added_twice_by_the_same_adapter() {
+    let server = MockServer::start().await;
+    // SalesMan's v1 list shows only the newest 200 leads: here, never the one just added.
+    let adds = Arc::new(Mutex::new(0));
+    salesman::mount(&server, LOGIN, API_KEY, {
+        let adds = adds.clone();
+        move |fields| match fields.get("action").map(String::as_str) {
+            Some("add") => {
+                *adds.lock().expect("adds") += 1;
+                v1(&json!({"result":{"text":"Success","id":941}}))
+            }
+            Some("list") => v1(&json!({"data": [lead_record(1200, 0)]})),
+            _ => v1(&json!({"result":"Error","error":{"code":"402","text":"Неизвестный метод"}})),
+        }
+    })
+    .await;
+    let mut sync = serve_sync(&server).await;
+    for key in ["job_1", "job_1"] {
+        let answer = sync
+            .upsert_lead(UpsertLeadRequest {
+                lead: Some(seed_lead(Vec::new())),
+                changed_fields: Vec::new(),
+                idempotency_key: key.to_owned(),
+            })
+            .await
+            .expect("UpsertLead")
+            .into_inner();
+        assert_eq!(answer.refs, vec![salesman_ref("941")]);
+    }
+    assert_eq!(*adds.lock().expect("adds"), 1, "added once");
+}
+
+#[tokio::test]
 async fn a_lead_is_added_once_and_found_again_by_its_marker() {
     let server = MockServer::start().await;
     // SalesMan as it stores leads: after an add, the newest list shows it, description untagged.
@@ -107,8 +140,10 @@ async fn a_lead_is_added_once_and_found_again_by_its_marker() {
     assert_eq!(fields.get("phone").map(String::as_str), Some("0978712200"));
     assert_eq!(fields.get("utm_source").map(String::as_str), Some("hana"));
 
-    // The link was lost (a crash before its commit): the retry finds the lead, adds nothing.
-    let retried = sync
+    // The link was lost (a crash before its commit) and the adapter restarted too: the retry
+    // finds the lead by its marker, adds nothing.
+    let retried = serve_sync(&server)
+        .await
         .upsert_lead(UpsertLeadRequest {
             lead: Some(seed_lead(Vec::new())),
             changed_fields: Vec::new(),
