@@ -44,6 +44,11 @@ impl ServiceKind {
     pub(crate) async fn run(self, settings: Settings) -> anyhow::Result<()> {
         let shutdown = cancel_on_signal();
         let listen = settings.listen;
+        if self != Self::Migrate {
+            // Every service process serves its own metrics; a port it cannot take stops it.
+            let metrics = bind("LEADRELAY_METRICS_LISTEN", listen.metrics).await?;
+            tokio::spawn(leadrelay_runtime::metrics::serve(metrics, shutdown.clone()));
+        }
         match self {
             Self::Migrate => {
                 let store = leadrelay_orchestrator::Store::connect(&settings.database_url).await?;

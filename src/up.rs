@@ -35,7 +35,9 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let hana = bind("LEADRELAY_HANA_LISTEN", listen.hana).await?;
     let pipedrive = bind("LEADRELAY_PIPEDRIVE_LISTEN", listen.pipedrive).await?;
     let salesman = bind("LEADRELAY_SALESMAN_LISTEN", listen.salesman).await?;
+    let metrics = bind("LEADRELAY_METRICS_LISTEN", listen.metrics).await?;
     let bound = Bound {
+        metrics: metrics.local_addr()?,
         gateway: gateway.local_addr()?,
         orchestrator: orchestrator.local_addr()?,
         hana: hana.local_addr()?,
@@ -100,6 +102,13 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
             ("gateway", result.map_err(anyhow::Error::from))
         });
     }
+    {
+        let shutdown = shutdown.clone();
+        services.spawn(async move {
+            let result = leadrelay_runtime::metrics::serve(metrics, shutdown).await;
+            ("metrics", result.map_err(anyhow::Error::from))
+        });
+    }
 
     print_banner(&settings, &bound, &database, token_origin);
 
@@ -141,6 +150,7 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
 
 /// The addresses actually bound (a configured port 0 becomes a real one).
 struct Bound {
+    metrics: SocketAddr,
     gateway: SocketAddr,
     orchestrator: SocketAddr,
     hana: SocketAddr,
@@ -254,6 +264,11 @@ fn print_banner(settings: &Settings, bound: &Bound, database: &str, token_origin
         "  salesman-adapter   {}  (gRPC, {})",
         reachable(bound.salesman),
         adapter_note(settings.salesman_missing())
+    );
+    let _ = writeln!(
+        banner,
+        "  metrics            {}  (HTTP, GET /metrics)",
+        loopback_url(bound.metrics)
     );
     let _ = writeln!(banner, "Hana webhook URL ({token_note}):");
     let _ = writeln!(

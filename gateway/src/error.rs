@@ -47,6 +47,18 @@ impl GatewayError {
         }
     }
 
+    /// The `outcome` label of the call in `leadrelay_webhooks_total`.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            Self::Unauthorized(_) | Self::BasicAuthRequired(_) => "unauthorized",
+            Self::NotFound(_) => "not_found",
+            Self::TooLarge => "too_large",
+            Self::BadBody(_) => "bad_body",
+            Self::Unavailable(_) | Self::NotReady(_) => "unavailable",
+            Self::Rejected(_) => "rejected",
+        }
+    }
+
     /// Maps an orchestrator answer. Anything but a clear rejection means "not stored, retry".
     pub(crate) fn from_ingest_status(status: &tonic::Status) -> Self {
         use tonic::Code;

@@ -64,7 +64,23 @@ pub(crate) async fn hana(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, GatewayError> {
-    hana_call(state, Some(event), query, headers, body).await
+    counted("hana", hana_call(state, Some(event), query, headers, body)).await
+}
+
+/// Runs a webhook's handling and counts its outcome and answer time in the metrics.
+async fn counted(
+    source: &str,
+    handling: impl std::future::Future<Output = Result<Json<Accepted>, GatewayError>>,
+) -> Result<Json<Accepted>, GatewayError> {
+    let started = std::time::Instant::now();
+    let answer = handling.await;
+    let outcome = match &answer {
+        Ok(accepted) if accepted.duplicate => "duplicate",
+        Ok(_) => "accepted",
+        Err(error) => error.outcome(),
+    };
+    leadrelay_runtime::metrics::metrics().webhook(source, outcome, started.elapsed());
+    answer
 }
 
 /// `POST /webhooks/hana`: the event kind comes from the body's `event_name`.
@@ -74,7 +90,7 @@ pub(crate) async fn hana_without_event(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, GatewayError> {
-    hana_call(state, None, query, headers, body).await
+    counted("hana", hana_call(state, None, query, headers, body)).await
 }
 
 async fn hana_call(
@@ -135,6 +151,14 @@ async fn hana_call(
 /// `POST /webhooks/pipedrive`.
 pub(crate) async fn pipedrive(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Accepted>, GatewayError> {
+    counted("pipedrive", pipedrive_call(state, headers, body)).await
+}
+
+async fn pipedrive_call(
+    state: Arc<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, GatewayError> {

@@ -4,6 +4,7 @@
 mod cli;
 mod crash;
 mod hana_ingest;
+mod metrics;
 mod pipedrive;
 mod pipedrive_ingest;
 mod pipedrive_poll;

@@ -94,7 +94,7 @@ impl Up {
                 }
             }
         }
-        if up.addrs.len() != 5 || up.webhook_url.is_empty() {
+        if up.addrs.len() != 6 || up.webhook_url.is_empty() {
             return Err(
                 format!("leadrelay up did not announce itself; logs:\n{}", up.logs()).into(),
             );
@@ -212,6 +212,8 @@ impl Service {
         let child = leadrelay()
             .args(args)
             .current_dir(folder)
+            // Each process serves its own metrics: on a port of its own unless `env` says.
+            .env("LEADRELAY_METRICS_LISTEN", "127.0.0.1:0")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path)?)

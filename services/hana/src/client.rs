@@ -219,13 +219,13 @@ impl HanaClient {
             HanaError::Invalid("the access token holds characters a header cannot carry".to_owned())
         })?;
         authorization.set_sensitive(true);
-        let response = self
+        let request = self
             .http
             .post(self.url.clone())
             .header(reqwest::header::AUTHORIZATION, authorization)
             .header(reqwest::header::ACCEPT, "application/json")
-            .json(&Value::Object(body))
-            .send()
+            .json(&Value::Object(body));
+        let response = leadrelay_runtime::outbound::send("hana", request)
             .await
             .map_err(|error| self.transport(&error))?;
         let status = response.status();

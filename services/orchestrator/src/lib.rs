@@ -101,6 +101,38 @@ pub fn pollers(settings: &Settings) -> Pollers {
     }
 }
 
+/// Reads the jobs by target and state, and the oldest pending job's age, from the store before
+/// each metrics scrape.
+fn register_job_gauges(store: &Store) {
+    let store = store.clone();
+    leadrelay_runtime::metrics::metrics().on_scrape(move || {
+        let store = store.clone();
+        async move {
+            let stats = match queries::stats(store.pool()).await {
+                Ok(stats) => stats,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the job counts for the metrics");
+                    return;
+                }
+            };
+            let metrics = leadrelay_runtime::metrics::metrics();
+            metrics.set_job_counts(stats.jobs.iter().map(|count| {
+                (
+                    routes::system_name(count.target()),
+                    queries::job_state_name(count.state()),
+                    i64::try_from(count.count).unwrap_or(i64::MAX),
+                )
+            }));
+            let age_ms = stats
+                .oldest_pending_ms
+                .map_or(0, |created| ingest::now_ms().saturating_sub(created));
+            metrics.set_oldest_pending_age(std::time::Duration::from_millis(
+                u64::try_from(age_ms).unwrap_or(0),
+            ));
+        }
+    });
+}
+
 /// Serves the orchestrator on `listener` with an opened store until `shutdown` is cancelled,
 /// running the configured `pollers`.
 pub async fn serve(
@@ -124,6 +156,7 @@ pub async fn serve(
                 .map(|poller| (poller, settings.interval))
         })
         .transpose()?;
+    register_job_gauges(&store);
     let orchestrator = Orchestrator::new(store.clone(), policy)?
         .with_pipedrive_poller(pipedrive.as_ref().map(|(poller, _)| poller.clone()))
         .with_salesman_poller(salesman.as_ref().map(|(poller, _)| poller.clone()));

@@ -425,6 +425,8 @@ impl JobRunner {
             Finished::Retry { at_ms, error } => ("pending", *at_ms, error.clone()),
             Finished::Dead(error) => ("dead", now, error.clone()),
         };
+        let outcome = if state == "pending" { "retry" } else { state };
+        leadrelay_runtime::metrics::metrics().job_finished(system_name(job.target), outcome);
         if state != "done" {
             tracing::warn!(job = %job.id, target = system_name(job.target), state, error, "sync job failed");
         }

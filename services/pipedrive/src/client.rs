@@ -321,8 +321,7 @@ impl PipedriveClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
+        let response = leadrelay_runtime::outbound::send("pipedrive", request)
             .await
             .map_err(|error| self.transport(&error))?;
         let status = response.status();

@@ -248,6 +248,7 @@ impl Pacer {
             state.queued += 1;
             Queued(self)
         };
+        let asked = Instant::now();
         let _turn = self.turn.lock().await;
         drop(queued);
         loop {
@@ -260,6 +261,12 @@ impl Pacer {
                 match state.slot(kind, now) {
                     Slot::Now => {
                         let call = state.admit(kind);
+                        let waited = now.saturating_duration_since(asked);
+                        // Waits for the turn alone (calls in line, no limit reached) do not count.
+                        if waited >= Duration::from_millis(1) {
+                            leadrelay_runtime::metrics::metrics()
+                                .rate_limit_wait("pipedrive", waited);
+                        }
                         return Ok(Permit { pacer: self, call });
                     }
                     slot => slot,

@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod config;
 pub mod grpc;
 pub mod mappings;
+pub mod metrics;
 pub mod outbound;
 pub mod propagation;
 pub mod routes;

@@ -53,3 +53,20 @@ mod tests {
         assert!(cut.ends_with('…'));
     }
 }
+
+/// Sends `request` to `system` ("pipedrive", "salesman", "hana"), counting the call and its time
+/// in the metrics by HTTP status, or `timeout` / `network` when no answer came.
+pub async fn send(
+    system: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let started = std::time::Instant::now();
+    let answer = request.send().await;
+    let status = match &answer {
+        Ok(response) => response.status().as_u16().to_string(),
+        Err(error) if error.is_timeout() => "timeout".to_owned(),
+        Err(_) => "network".to_owned(),
+    };
+    crate::metrics::metrics().crm_call(system, &status, started.elapsed());
+    answer
+}

@@ -416,15 +416,15 @@ impl SalesManClient {
             }
             form.finish()
         };
-        let response = self
+        let request = self
             .http
             .post(self.leads.clone())
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(body)
-            .send()
+            .body(body);
+        let response = leadrelay_runtime::outbound::send("salesman", request)
             .await
             .map_err(|error| self.transport(&error))?;
         let status = response.status();

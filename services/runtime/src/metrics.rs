@@ -1,0 +1,266 @@
+//! Prometheus metrics: one registry per process, served as text on `GET /metrics` at
+//! `LEADRELAY_METRICS_LISTEN` by every service (by `up` once for all of them).
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `leadrelay_webhooks_total` | counter | `source` (hana, pipedrive), `outcome` |
+//! | `leadrelay_webhook_ack_seconds` | histogram | `source` |
+//! | `leadrelay_jobs` | gauge, read from the store at scrape time | `target`, `state` |
+//! | `leadrelay_oldest_pending_job_age_seconds` | gauge, at scrape time | |
+//! | `leadrelay_jobs_finished_total` | counter | `target`, `outcome` (done, retry, dead) |
+//! | `leadrelay_dead_letters_total` | counter | `target` |
+//! | `leadrelay_crm_calls_total` | counter | `system`, `status` (HTTP status, or timeout, network) |
+//! | `leadrelay_crm_call_seconds` | histogram | `system` |
+//! | `leadrelay_rate_limit_waits_total` | counter | `system` |
+//! | `leadrelay_rate_limit_wait_seconds` | histogram | `system` |
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Label pairs of a sample.
+pub type Labels = Vec<(&'static str, String)>;
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Work done before each scrape (reading gauges from the store).
+type Refresh = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+    refreshers: Mutex<Vec<Refresh>>,
+    webhooks: Family<Labels, Counter>,
+    webhook_ack: HistogramFamily,
+    jobs: Family<Labels, Gauge>,
+    oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    jobs_finished: Family<Labels, Counter>,
+    dead_letters: Family<Labels, Counter>,
+    crm_calls: Family<Labels, Counter>,
+    crm_call_time: HistogramFamily,
+    rate_limit_waits: Family<Labels, Counter>,
+    rate_limit_wait_time: HistogramFamily,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Time buckets from 1 ms to about 33 s, doubling: acks are milliseconds, CRM calls tens to
+/// hundreds of milliseconds, rate-limit waits seconds.
+fn time_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 16,
+    ))
+}
+
+/// The process's metrics, registered on first use.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(name, value)| (*name, (*value).to_owned()))
+        .collect()
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("leadrelay");
+        let webhooks = Family::<Labels, Counter>::default();
+        registry.register(
+            "webhooks",
+            "Webhook calls received, by source and outcome",
+            webhooks.clone(),
+        );
+        let webhook_ack = HistogramFamily::new_with_constructor(time_buckets as fn() -> Histogram);
+        registry.register(
+            "webhook_ack_seconds",
+            "Time from a webhook's arrival to its answer",
+            webhook_ack.clone(),
+        );
+        let jobs = Family::<Labels, Gauge>::default();
+        registry.register("jobs", "Sync jobs by target and state", jobs.clone());
+        let oldest_pending_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "oldest_pending_job_age_seconds",
+            "Age of the oldest pending sync job; 0 when none is pending",
+            oldest_pending_age.clone(),
+        );
+        let jobs_finished = Family::<Labels, Counter>::default();
+        registry.register(
+            "jobs_finished",
+            "Sync job runs by target and outcome (done, retry, dead)",
+            jobs_finished.clone(),
+        );
+        let dead_letters = Family::<Labels, Counter>::default();
+        registry.register(
+            "dead_letters",
+            "Sync jobs that became dead letters",
+            dead_letters.clone(),
+        );
+        let crm_calls = Family::<Labels, Counter>::default();
+        registry.register(
+            "crm_calls",
+            "Calls to Hana, Pipedrive and SalesMan by HTTP status (or timeout, network)",
+            crm_calls.clone(),
+        );
+        let crm_call_time =
+            HistogramFamily::new_with_constructor(time_buckets as fn() -> Histogram);
+        registry.register(
+            "crm_call_seconds",
+            "Time of one call to a CRM",
+            crm_call_time.clone(),
+        );
+        let rate_limit_waits = Family::<Labels, Counter>::default();
+        registry.register(
+            "rate_limit_waits",
+            "Calls held back to stay within a CRM's rate limit",
+            rate_limit_waits.clone(),
+        );
+        let rate_limit_wait_time =
+            HistogramFamily::new_with_constructor(time_buckets as fn() -> Histogram);
+        registry.register(
+            "rate_limit_wait_seconds",
+            "How long a call was held back for a CRM's rate limit",
+            rate_limit_wait_time.clone(),
+        );
+        Self {
+            registry,
+            refreshers: Mutex::new(Vec::new()),
+            webhooks,
+            webhook_ack,
+            jobs,
+            oldest_pending_age,
+            jobs_finished,
+            dead_letters,
+            crm_calls,
+            crm_call_time,
+            rate_limit_waits,
+            rate_limit_wait_time,
+        }
+    }
+
+    /// A webhook from `source` answered with `outcome` after `elapsed`.
+    pub fn webhook(&self, source: &str, outcome: &str, elapsed: Duration) {
+        self.webhooks
+            .get_or_create(&labels(&[("source", source), ("outcome", outcome)]))
+            .inc();
+        self.webhook_ack
+            .get_or_create(&labels(&[("source", source)]))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Replaces the job counts with `counts` of (target, state, count): a state no job is in any
+    /// more disappears rather than keeping its last count.
+    pub fn set_job_counts<'a>(&self, counts: impl IntoIterator<Item = (&'a str, &'a str, i64)>) {
+        self.jobs.clear();
+        for (target, state, count) in counts {
+            self.jobs
+                .get_or_create(&labels(&[("target", target), ("state", state)]))
+                .set(count);
+        }
+    }
+
+    /// Sets the age of the oldest pending job.
+    pub fn set_oldest_pending_age(&self, age: Duration) {
+        self.oldest_pending_age.set(age.as_secs_f64());
+    }
+
+    /// A job run for `target` ended with `outcome`: done, retry or dead.
+    pub fn job_finished(&self, target: &str, outcome: &str) {
+        self.jobs_finished
+            .get_or_create(&labels(&[("target", target), ("outcome", outcome)]))
+            .inc();
+        if outcome == "dead" {
+            self.dead_letters
+                .get_or_create(&labels(&[("target", target)]))
+                .inc();
+        }
+    }
+
+    /// A call to `system` ended with `status` after `elapsed`.
+    pub fn crm_call(&self, system: &str, status: &str, elapsed: Duration) {
+        self.crm_calls
+            .get_or_create(&labels(&[("system", system), ("status", status)]))
+            .inc();
+        self.crm_call_time
+            .get_or_create(&labels(&[("system", system)]))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A call to `system` was held back `waited` for its rate limit.
+    pub fn rate_limit_wait(&self, system: &str, waited: Duration) {
+        self.rate_limit_waits
+            .get_or_create(&labels(&[("system", system)]))
+            .inc();
+        self.rate_limit_wait_time
+            .get_or_create(&labels(&[("system", system)]))
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Runs `refresh` before every scrape (e.g. to read gauges from the store).
+    pub fn on_scrape<F, Fut>(&self, refresh: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(mut refreshers) = self.refreshers.lock() {
+            refreshers.push(Box::new(move || Box::pin(refresh())));
+        }
+    }
+
+    /// The metrics as Prometheus text, after running the scrape hooks.
+    pub async fn render(&self) -> String {
+        let pending: Vec<_> = match self.refreshers.lock() {
+            Ok(refreshers) => refreshers.iter().map(|refresh| refresh()).collect(),
+            Err(_) => Vec::new(),
+        };
+        for refresh in pending {
+            refresh.await;
+        }
+        let mut text = String::new();
+        if let Err(error) = encode(&mut text, &self.registry) {
+            tracing::warn!(%error, "could not encode the metrics");
+        }
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    use axum::{Router, http::header, routing::get};
+
+    let app = Router::new().route(
+        "/metrics",
+        get(|| async {
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                metrics().render().await,
+            )
+        }),
+    );
+    tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
