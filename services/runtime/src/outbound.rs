@@ -40,20 +40,6 @@ pub fn snippet(bytes: &[u8]) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snippets_are_trimmed_and_cut_on_a_character_boundary() {
-        assert_eq!(snippet(b"  Bad Gateway \n"), "Bad Gateway");
-        let long = "й".repeat(400);
-        let cut = snippet(long.as_bytes());
-        assert_eq!(cut.chars().count(), 301);
-        assert!(cut.ends_with('…'));
-    }
-}
-
 /// Sends `request` to `system` ("pipedrive", "salesman", "hana"), counting the call and its time
 /// in the metrics by HTTP status, or `timeout` / `network` when no answer came.
 pub async fn send(
@@ -69,4 +55,18 @@ pub async fn send(
     };
     crate::metrics::metrics().crm_call(system, &status, started.elapsed());
     answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snippets_are_trimmed_and_cut_on_a_character_boundary() {
+        assert_eq!(snippet(b"  Bad Gateway \n"), "Bad Gateway");
+        let long = "й".repeat(400);
+        let cut = snippet(long.as_bytes());
+        assert_eq!(cut.chars().count(), 301);
+        assert!(cut.ends_with('…'));
+    }
 }
