@@ -50,8 +50,9 @@ pub struct PipedriveApi {
     webhook_password: Option<SecretString>,
     /// The account's activity type keys, read once and again when a type is not among them.
     activity_types: tokio::sync::Mutex<Option<Vec<String>>>,
-    /// The key of the deal field that holds LeadRelay's deal id, found or added once.
-    deal_marker_key: tokio::sync::OnceCell<String>,
+    /// The key of the deal field that holds LeadRelay's deal id, found or added once; `None`
+    /// when the token may not add it.
+    deal_marker_key: tokio::sync::OnceCell<Option<String>>,
     /// Hana lead attributes → person custom fields (`[mappings.pipedrive.person]`).
     person_fields: Vec<FieldMapping>,
     /// Hana ticket attributes → deal custom fields (`[mappings.pipedrive.deal]`).
@@ -116,31 +117,43 @@ impl PipedriveApi {
     }
 
     /// The key of the custom deal field [`DEAL_MARKER_FIELD`], added to the account when it is
-    /// not there yet. Read once per process: field keys never change.
-    pub(crate) async fn deal_marker_key(&self) -> Result<&str, PipedriveError> {
+    /// not there yet. Read once per process: field keys never change. `None` when the API token
+    /// may not add deal fields: deals are then created without the marker (a warning says what
+    /// that risks and how to fix it) rather than not at all.
+    pub(crate) async fn deal_marker_key(&self) -> Result<Option<&str>, PipedriveError> {
         let key = self
             .deal_marker_key
             .get_or_try_init(|| async {
-                let fields: Vec<WireField> = self
+                let fields: Vec<WireField> = match self
                     .client
                     .v1::<Vec<WireField>, ()>(Method::GET, "dealFields", None)
-                    .await?
-                    .unwrap_or_default();
+                    .await
+                {
+                    Ok(fields) => fields.unwrap_or_default(),
+                    Err(PipedriveError::Forbidden { message, .. }) => {
+                        return Ok(without_marker(&message));
+                    }
+                    Err(error) => return Err(error),
+                };
                 if let Some(field) = fields.into_iter().find(|f| f.name == DEAL_MARKER_FIELD) {
-                    return Ok(field.key);
+                    return Ok(Some(field.key));
                 }
                 let body = json!({"name": DEAL_MARKER_FIELD, "field_type": "varchar"});
-                let added: WireField = self
+                match self
                     .client
-                    .v1(Method::POST, "dealFields", Some(&body))
-                    .await?
-                    .ok_or_else(|| {
-                        PipedriveError::Unexpected("adding a deal field returned no field".into())
-                    })?;
-                Ok::<_, PipedriveError>(added.key)
+                    .v1::<WireField, _>(Method::POST, "dealFields", Some(&body))
+                    .await
+                {
+                    Ok(Some(added)) => Ok(Some(added.key)),
+                    Ok(None) => Err(PipedriveError::Unexpected(
+                        "adding a deal field returned no field".into(),
+                    )),
+                    Err(PipedriveError::Forbidden { message, .. }) => Ok(without_marker(&message)),
+                    Err(error) => Err(error),
+                }
             })
             .await?;
-        Ok(key)
+        Ok(key.as_deref())
     }
 
     /// The REST client.
@@ -194,6 +207,15 @@ impl PipedriveApi {
             )))
         }
     }
+}
+
+/// Warns that deals go without the marker field, and why; returns `None`.
+fn without_marker(refusal: &str) -> Option<String> {
+    tracing::warn!(
+        refusal,
+        "the API token may not add the '{DEAL_MARKER_FIELD}' deal field: deals are created without it, so a crash between creating a deal and storing its link can create it twice; add a text deal field named '{DEAL_MARKER_FIELD}' in Pipedrive, or use a token that may"
+    );
+    None
 }
 
 /// The objects a Pipedrive webhook can watch.

@@ -527,7 +527,7 @@ impl CrmSyncService for PipedriveSync {
         // or a timed-out answer, is found by the marker it was created with.
         let marker = match deal.id.trim() {
             "" => None,
-            id => Some((api.deal_marker_key().await?, id)),
+            id => api.deal_marker_key().await?.map(|key| (key, id)),
         };
         let current = match (current, marker, person_id) {
             (None, Some((key, id)), Some(person_id)) => {

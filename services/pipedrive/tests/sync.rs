@@ -355,6 +355,54 @@ async fn a_deal_whose_creation_timed_out_is_found_by_its_marker_not_created_twic
 }
 
 #[tokio::test]
+async fn a_token_that_may_not_add_the_marker_field_still_creates_deals() {
+    let fake = MockServer::start().await;
+    mount(
+        &fake,
+        "GET",
+        "/api/v1/dealFields",
+        json!({"success": true, "data": [], "additional_data": {"start": 0, "limit": 500, "more_items_in_collection": false}}),
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/dealFields"))
+        .respond_with(wiremock::ResponseTemplate::new(403).set_body_json(json!({
+            "success": false, "error": "You do not have permissions to add fields",
+            "errorCode": 403, "error_info": "Please check developers.pipedrive.com"
+        })))
+        .mount(&fake)
+        .await;
+    mount(&fake, "POST", "/api/v2/deals", ok(deal(5))).await;
+    let mut sync = sync(&fake).await;
+    let contact = seed_lead(vec![link(RemoteKind::PipedrivePerson, 7)]);
+    for key in ["job_1", "job_2"] {
+        let created = sync
+            .upsert_deal(UpsertDealRequest {
+                deal: Some(ticket(Vec::new(), "Deal 5")),
+                contact: Some(contact.clone()),
+                changed_fields: Vec::new(),
+                idempotency_key: key.to_owned(),
+            })
+            .await
+            .expect("UpsertDeal")
+            .into_inner();
+        assert_eq!(created.outcome(), SyncOutcome::Created);
+    }
+    let posted = bodies(&fake, "POST", "/api/v2/deals").await;
+    assert!(
+        posted
+            .iter()
+            .all(|body| body.get("custom_fields").is_none()),
+        "{posted:?}"
+    );
+    assert_eq!(
+        bodies(&fake, "POST", "/api/v1/dealFields").await.len(),
+        1,
+        "the refusal is remembered, not asked again per deal"
+    );
+}
+
+#[tokio::test]
 async fn the_conversation_link_is_added_once_whatever_the_retries() {
     let fake = MockServer::start().await;
     mount(&fake, "GET", "/api/v1/activityTypes", activity_types()).await;
