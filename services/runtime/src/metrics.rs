@@ -264,3 +264,84 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::i
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The names of the samples `text` holds, labels left off.
+    fn sample_names(text: &str) -> BTreeSet<String> {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_metric_renders_with_its_labels_and_buckets() {
+        let metrics = Metrics::new();
+        metrics.webhook("hana", "accepted", Duration::from_millis(3));
+        metrics.set_job_counts([("pipedrive", "pending", 2)]);
+        metrics.set_oldest_pending_age(Duration::from_secs(5));
+        metrics.job_finished("salesman", "dead");
+        metrics.crm_call("pipedrive", "429", Duration::from_millis(80));
+        metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
+        let text = metrics.render().await;
+        for sample in [
+            r#"leadrelay_webhooks_total{source="hana",outcome="accepted"} 1"#,
+            r#"leadrelay_jobs{target="pipedrive",state="pending"} 2"#,
+            "leadrelay_oldest_pending_job_age_seconds 5.0",
+            r#"leadrelay_jobs_finished_total{target="salesman",outcome="dead"} 1"#,
+            r#"leadrelay_dead_letters_total{target="salesman"} 1"#,
+            r#"leadrelay_crm_calls_total{system="pipedrive",status="429"} 1"#,
+            r#"leadrelay_rate_limit_waits_total{system="pipedrive"} 1"#,
+            r#"leadrelay_webhook_ack_seconds_bucket{le="0.004",source="hana"} 1"#,
+        ] {
+            assert!(text.contains(sample), "{sample} not in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The Grafana dashboard shipped in deploy/ queries only metrics that exist.
+    #[tokio::test]
+    async fn the_dashboard_queries_only_metrics_that_exist() {
+        let metrics = Metrics::new();
+        metrics.webhook("hana", "accepted", Duration::from_millis(3));
+        metrics.set_job_counts([("pipedrive", "pending", 2)]);
+        metrics.job_finished("salesman", "dead");
+        metrics.crm_call("pipedrive", "200", Duration::from_millis(80));
+        metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
+        let exist = sample_names(&metrics.render().await);
+
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/observability/grafana-dashboard.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the dashboard is in deploy/");
+        let dashboard: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let mut queried = BTreeSet::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("a PromQL expression");
+                let mut rest = expr;
+                while let Some(start) = rest.find("leadrelay_") {
+                    let name: String = rest[start..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    rest = &rest[start + name.len()..];
+                    queried.insert(name);
+                }
+            }
+        }
+        assert!(queried.len() >= 9, "{queried:?}");
+        let missing: Vec<&String> = queried.difference(&exist).collect();
+        assert!(
+            missing.is_empty(),
+            "the dashboard queries {missing:?}; the metrics are {exist:?}"
+        );
+    }
+}
