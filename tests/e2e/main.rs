@@ -10,6 +10,7 @@ mod pipedrive_ingest;
 mod pipedrive_poll;
 mod salesman_hana;
 mod salesman_poll;
+mod secrets;
 mod support;
 mod sync_crash;
 mod sync_flow;
