@@ -42,6 +42,35 @@ impl ConfigError {
     }
 }
 
+/// The config file's text, for the tables read with their positions ([`crate::routes`],
+/// [`crate::mappings`]): a mistake is reported with the file and line it is on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConfigText<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) text: &'a str,
+}
+
+impl ConfigText<'_> {
+    /// "<file> line <n>" for a span of the text.
+    pub(crate) fn at(&self, span: std::ops::Range<usize>) -> String {
+        let line = self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        format!("{} line {line}", self.path.display())
+    }
+
+    /// The text as `T`; a syntax or type error names its line.
+    pub(crate) fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(self.text).map_err(|error| {
+            let origin = error
+                .span()
+                .map_or_else(|| self.path.display().to_string(), |span| self.at(span));
+            ConfigError::new(origin, error.message().trim_end().replace('\n', " "))
+        })
+    }
+}
+
 /// Where the orchestrator keeps its state.
 #[derive(Clone)]
 pub enum DatabaseUrl {

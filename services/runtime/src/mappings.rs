@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use toml::Spanned;
 
-use crate::ConfigError;
+use crate::{ConfigError, config::ConfigText};
 
 /// SalesMan `add` parameters a mapping may fill; the others LeadRelay sets itself.
 const SALESMAN_PARAMETERS: [&str; 10] = [
@@ -198,14 +198,9 @@ fn is_pipedrive_key(key: &str) -> bool {
 
 /// The mappings in the config file `text` (read from `path`).
 pub fn parse(path: &Path, text: &str) -> Result<Mappings, ConfigError> {
-    let at = |span: std::ops::Range<usize>| {
-        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-        format!("{} line {line}", path.display())
-    };
-    let file: File = toml::from_str(text).map_err(|error| {
-        let origin = error.span().map_or_else(|| path.display().to_string(), &at);
-        ConfigError::new(origin, error.message().trim_end().replace('\n', " "))
-    })?;
+    let config = ConfigText { path, text };
+    let at = |span| config.at(span);
+    let file: File = config.deserialize()?;
     let raw = file.mappings.unwrap_or_default();
     let attribute = |name: &Spanned<String>| -> Result<String, ConfigError> {
         let trimmed = name.get_ref().trim();

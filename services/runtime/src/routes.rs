@@ -24,7 +24,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::ConfigError;
+use crate::{ConfigError, config::ConfigText};
 
 /// The event names a route may list (`ticket.*` and `opportunity.*` are the same events).
 const LEAD_EVENTS: [&str; 3] = ["lead.created", "lead.updated", "lead.deleted"];
@@ -89,14 +89,9 @@ struct RawRoute {
 
 /// The routes in the config file `text` (read from `path`).
 pub fn parse(path: &Path, text: &str) -> Result<Routes, ConfigError> {
-    let at = |span: std::ops::Range<usize>| {
-        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-        format!("{} line {line}", path.display())
-    };
-    let file: File = toml::from_str(text).map_err(|error| {
-        let origin = error.span().map_or_else(|| path.display().to_string(), &at);
-        ConfigError::new(origin, error.message().trim_end().replace('\n', " "))
-    })?;
+    let config = ConfigText { path, text };
+    let at = |span| config.at(span);
+    let file: File = config.deserialize()?;
     let mut routes = Vec::new();
     for route in file.routes {
         let route = route.into_inner();
