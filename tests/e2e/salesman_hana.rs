@@ -101,14 +101,7 @@ async fn grpcurl_calls_every_native_rpc_of_salesman_and_hana_and_no_secret_is_lo
 
     // Every SalesMan call carried the key in its body (the fake refuses others), one lead was
     // added, and the logs carry the key nowhere.
-    let adds = seen
-        .lock()
-        .map(|seen| {
-            seen.iter()
-                .filter(|fields| fields.get("action").map(String::as_str) == Some("add"))
-                .count()
-        })
-        .unwrap_or_default();
+    let adds = salesman::calls(&seen, "add");
     assert_eq!(adds, 1);
     let logs = up.logs();
     assert!(logs.contains("salesman call"), "debug logging is on");

@@ -12,6 +12,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 use crate::{
     hana_ingest::SEED_SAMPLE,
     support::{TestResult, Up},
+    sync_flow::hana_bodies_once,
 };
 
 const HANA_WEBHOOK_TOKEN: &str = "hana-hook-secret-5f2a9c";
@@ -150,19 +151,10 @@ async fn no_secret_reaches_a_log_line_with_debug_logging() -> TestResult {
         .send()
         .await?;
     assert_eq!(stored.status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while hana_fake
-        .received_requests()
-        .await
-        .unwrap_or_default()
-        .iter()
-        .all(|request| !String::from_utf8_lossy(&request.body).contains("won"))
-    {
-        if Instant::now() > deadline {
-            return Err(format!("Hana never heard of the win:\n{}", up.logs()).into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hana_bodies_once(&up, &hana_fake, |bodies| {
+        bodies.iter().any(|body| body.to_string().contains("won"))
+    })
+    .await?;
 
     let logs = up.logs();
     assert!(

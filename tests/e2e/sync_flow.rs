@@ -129,14 +129,7 @@ async fn the_seed_lead_becomes_one_salesman_lead_and_one_pipedrive_person(
         "{jobs:?}"
     );
 
-    let adds = seen
-        .lock()
-        .map(|seen| {
-            seen.iter()
-                .filter(|fields| fields.get("action").map(String::as_str) == Some("add"))
-                .count()
-        })
-        .unwrap_or_default();
+    let adds = salesman::calls(&seen, "add");
     assert_eq!(adds, 1, "one SalesMan lead");
     let created_persons = pipedrive_fake
         .received_requests()
@@ -177,6 +170,32 @@ async fn wait_for_jobs(
         }
         if Instant::now() > deadline {
             return Err(format!("jobs stuck at {jobs:?}; logs:\n{}", up.logs()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The JSON bodies the Hana fake has received, once `arrived` holds for them; fails with the logs
+/// after 20 s.
+pub(crate) async fn hana_bodies_once(
+    up: &Up,
+    hana_fake: &MockServer,
+    arrived: impl Fn(&[serde_json::Value]) -> bool,
+) -> Result<Vec<serde_json::Value>, Error> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let bodies: Vec<serde_json::Value> = hana_fake
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
+            .collect();
+        if arrived(&bodies) {
+            return Ok(bodies);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("Hana got {bodies:?}; logs:\n{}", up.logs()).into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -347,26 +366,12 @@ async fn a_deal_won_in_pipedrive_is_written_back_to_the_hana_ticket(
         .await?;
     assert_eq!(stored.status(), 200);
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let updates = loop {
-        let bodies: Vec<serde_json::Value> = hana_fake
-            .received_requests()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
-            .collect();
-        if bodies
+    let updates = hana_bodies_once(&up, &hana_fake, |bodies| {
+        bodies
             .iter()
             .any(|body| body["opportunity"]["cf_string_deal_status"] == "won")
-        {
-            break bodies;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("Hana got no update; logs:\n{}", up.logs()).into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await?;
     // The new Pipedrive deal's id is written back once the deal exists, then the win; when the
     // win arrives while the first write-back still waits, the two fold into one call.
     let won = json!({"opportunity": {"id": TICKET, "cf_string_pipedrive_deal_id": "5",
@@ -477,33 +482,20 @@ salesman_lead_id = ""
     assert_eq!(added.get("company").map(String::as_str), Some("1.09"));
 
     // The write-back goes to the mapped attribute; the SalesMan id, mapped to "", is not written.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let bodies: Vec<serde_json::Value> = hana_fake
-            .received_requests()
-            .await
-            .unwrap_or_default()
+    let bodies = hana_bodies_once(&up, &hana_fake, |bodies| {
+        bodies.last().is_some_and(|last| {
+            last["lead"]["cf_string_ma_pipedrive"] == json!(person_id.to_string())
+        })
+    })
+    .await?;
+    assert!(
+        bodies
             .iter()
-            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
-            .collect();
-        if let Some(last) = bodies.last()
-            && last["lead"]["cf_string_ma_pipedrive"] == json!(person_id.to_string())
-        {
-            assert!(
-                bodies
-                    .iter()
-                    .all(|body| body["lead"].as_object().is_some_and(|lead| lead
-                        .keys()
-                        .all(|key| key == "id" || key == "cf_string_ma_pipedrive"))),
-                "{bodies:?}"
-            );
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("Hana got {bodies:?}; logs:\n{}", up.logs()).into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .all(|body| body["lead"].as_object().is_some_and(|lead| lead
+                .keys()
+                .all(|key| key == "id" || key == "cf_string_ma_pipedrive"))),
+        "{bodies:?}"
+    );
     assert!(crm.problems().is_empty(), "{:#?}", crm.problems());
     pipedrive::assert_requests_conform(&pipedrive_fake, PIPEDRIVE_TOKEN).await;
     Ok(())
@@ -808,27 +800,15 @@ async fn a_salesman_status_change_is_written_back_to_the_hana_lead(
             .events_stored,
         1
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let lead_updates = loop {
-        let bodies: Vec<serde_json::Value> = hana_fake
-            .received_requests()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
-            .filter(|body: &serde_json::Value| body.get("lead").is_some())
-            .collect();
-        if bodies
+    let lead_updates: Vec<serde_json::Value> = hana_bodies_once(&up, &hana_fake, |bodies| {
+        bodies
             .iter()
             .any(|body| body["lead"]["cf_string_sales_status"] == "processed")
-        {
-            break bodies;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("Hana got no status; got {bodies:?}; logs:\n{}", up.logs()).into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await?
+    .into_iter()
+    .filter(|body| body.get("lead").is_some())
+    .collect();
     assert_eq!(
         lead_updates.last(),
         Some(

@@ -52,6 +52,15 @@ where
     }
 }
 
+/// How many of the requests `seen` holds asked for `action` ("add", "list", …).
+pub fn calls(seen: &Seen, action: &str) -> usize {
+    seen.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|fields| fields.get("action").map(String::as_str) == Some(action))
+        .count()
+}
+
 /// SalesMan's v1 body: Cyrillic unescaped, `/` escaped, served as `text/html`.
 pub fn v1(body: &Value) -> ResponseTemplate {
     ResponseTemplate::new(200)
