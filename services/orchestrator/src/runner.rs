@@ -133,6 +133,9 @@ impl JobRunner {
         let mut running = tokio::task::JoinSet::new();
         let mut in_flight: HashMap<System, usize> = HashMap::new();
         loop {
+            if let Err(error) = self.release_expired_leases().await {
+                tracing::warn!(%error, "the job runner could not take back the jobs of a dead runner; it tries again");
+            }
             for target in self.adapters.keys().copied() {
                 let busy = in_flight.get(&target).copied().unwrap_or(0);
                 let room = PER_TARGET.saturating_sub(busy);
@@ -181,18 +184,24 @@ impl JobRunner {
         }
     }
 
-    /// Claims up to `limit` due jobs for `target` in one transaction.
-    async fn claim(&self, target: System, limit: usize) -> Result<Vec<Claimed>, StoreError> {
+    /// Makes the jobs of a runner that died (its lease ran out) pending again, once per round
+    /// for every target.
+    async fn release_expired_leases(&self) -> Result<(), StoreError> {
         let now = now_ms();
-        let pool = self.store.pool();
-        // Jobs whose runner died are taken again.
         sqlx::query(
             "UPDATE jobs SET state = 'pending', updated_at = $1 WHERE state = 'running' AND updated_at < $2",
         )
         .bind(now)
         .bind(now - self.lease_ms)
-        .execute(pool)
+        .execute(self.store.pool())
         .await?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` due jobs for `target` in one transaction.
+    async fn claim(&self, target: System, limit: usize) -> Result<Vec<Claimed>, StoreError> {
+        let now = now_ms();
+        let pool = self.store.pool();
         let sql = format!(
             "SELECT seq, id, event_id, target, operation, entity_id, attempts FROM jobs j \
              WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target = $2 \
