@@ -14,4 +14,5 @@ mod secrets;
 mod support;
 mod sync_crash;
 mod sync_flow;
+mod traces;
 mod up;

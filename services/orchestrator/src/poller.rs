@@ -18,9 +18,10 @@ use leadrelay_proto::{
     },
     v1::{IngestPipedriveEventRequest, PipedriveEventOrigin},
 };
+use leadrelay_runtime::propagation::{TracedChannel, connect_lazy, current_traceparent};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tracing::Instrument as _;
 
 use crate::{
     ingest::IngestError,
@@ -137,7 +138,7 @@ impl Stream {
 #[derive(Clone, Debug)]
 pub struct PipedrivePoller {
     store: Store,
-    adapter: PipedriveAdapterServiceClient<Channel>,
+    adapter: PipedriveAdapterServiceClient<TracedChannel>,
     /// One poll at a time (the timer's and TriggerPoll's), so a watermark only moves forward.
     running: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
@@ -228,7 +229,7 @@ impl PipedrivePoller {
                 let outcome = ingest_pipedrive(
                     &self.store,
                     &record.request,
-                    None,
+                    current_traceparent().as_deref(),
                     Some(Watermark {
                         system: SYSTEM,
                         stream: name,
@@ -253,11 +254,10 @@ impl PipedrivePoller {
     }
 }
 
-/// A channel to an adapter at `url`, connected on first use (the adapter may start later).
-pub(crate) fn lazy_channel(url: &url::Url) -> Result<Channel, PollError> {
-    Ok(Channel::from_shared(url.to_string())
-        .map_err(|error| PollError::AdapterUrl(format!("{url}: {error}")))?
-        .connect_lazy())
+/// A channel to an adapter at `url`, connected on first use (the adapter may start later), that
+/// hands the current trace on with every call.
+pub(crate) fn lazy_channel(url: &url::Url) -> Result<TracedChannel, PollError> {
+    connect_lazy(url).map_err(|error| PollError::AdapterUrl(format!("{url}: {error}")))
 }
 
 /// Runs `poll` every `interval` until `shutdown`; a failed poll is logged, and the next one
@@ -278,7 +278,9 @@ pub(crate) async fn every<F, Fut>(
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match poll().await {
+        // One trace per poll: the events it stores and the jobs they queue continue it.
+        let span = tracing::info_span!("poll", otel.name = %format_args!("poll {system}"), system);
+        match poll().instrument(span).await {
             Ok(0) => {}
             Ok(stored) => tracing::info!(system, stored, "poll stored new events"),
             Err(error) => {

@@ -28,9 +28,11 @@ use leadrelay_proto::v1::{
     RemoteKind, System, UpsertDealRequest, UpsertLeadRequest,
     crm_sync_service_client::CrmSyncServiceClient,
 };
+use leadrelay_runtime::propagation::{TracedChannel, continue_trace, current_traceparent};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
+use tracing::Instrument as _;
 
 use crate::{
     ingest::{IngestError, now_ms},
@@ -71,6 +73,29 @@ struct Claimed {
     operation: JobOperation,
     entity_id: String,
     attempts: i64,
+    /// The `traceparent` of the call that queued the job: the job's span continues its trace.
+    trace_context: Option<String>,
+}
+
+impl Claimed {
+    /// The span of one run of the job, a child of the call that queued it.
+    fn span(&self) -> tracing::Span {
+        let span = tracing::info_span!(
+            "sync job",
+            otel.name = %format_args!("sync {} {}", system_name(self.target), Operation(self.operation).as_str()),
+            job_id = %self.id,
+            event_id = %self.event_id,
+            sync.target = system_name(self.target),
+            operation = Operation(self.operation).as_str(),
+            entity_id = %self.entity_id,
+            attempt = self.attempts + 1,
+            remote_ids = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        continue_trace(&span, self.trace_context.as_deref());
+        span
+    }
 }
 
 /// What a job's call came to.
@@ -88,7 +113,7 @@ enum Finished {
 }
 
 /// A target's adapter.
-type Target = CrmSyncServiceClient<Channel>;
+type Target = CrmSyncServiceClient<TracedChannel>;
 
 /// Runs the jobs of the configured targets.
 #[derive(Clone, Debug)]
@@ -147,10 +172,14 @@ impl JobRunner {
                         *in_flight.entry(target).or_default() += claimed.len();
                         for job in claimed {
                             let runner = self.clone();
-                            running.spawn(async move {
-                                let outcome = runner.execute(&job).await;
-                                (job.target, outcome)
-                            });
+                            let span = job.span();
+                            running.spawn(
+                                async move {
+                                    let outcome = runner.execute(&job).await;
+                                    (job.target, outcome)
+                                }
+                                .instrument(span),
+                            );
                         }
                     }
                     Err(error) => {
@@ -203,7 +232,7 @@ impl JobRunner {
         let now = now_ms();
         let pool = self.store.pool();
         let sql = format!(
-            "SELECT seq, id, event_id, target, operation, entity_id, attempts FROM jobs j \
+            "SELECT seq, id, event_id, target, operation, entity_id, attempts, trace_context FROM jobs j \
              WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target = $2 \
              AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.target = j.target AND k.entity_id = j.entity_id \
                              AND k.seq < j.seq AND k.state IN ('pending', 'running')) \
@@ -228,6 +257,7 @@ impl JobRunner {
                 operation: Operation::from_name(row.try_get::<String, _>("operation")?.as_str()),
                 entity_id: row.try_get("entity_id")?,
                 attempts: row.try_get("attempts")?,
+                trace_context: row.try_get("trace_context")?,
             };
             let taken = sqlx::query(
                 "UPDATE jobs SET state = 'running', updated_at = $1 WHERE id = $2 AND state = 'pending'",
@@ -312,7 +342,7 @@ impl JobRunner {
 
     async fn call(
         &self,
-        mut client: CrmSyncServiceClient<Channel>,
+        mut client: CrmSyncServiceClient<TracedChannel>,
         job: &Claimed,
     ) -> Result<Finished, tonic::Status> {
         let pool = self.store.pool();
@@ -435,6 +465,17 @@ impl JobRunner {
             Finished::Dead(error) => ("dead", now, error.clone()),
         };
         let outcome = if state == "pending" { "retry" } else { state };
+        let span = tracing::Span::current();
+        span.record("outcome", outcome);
+        if let Finished::Done { refs, .. } = &finished {
+            let remote_ids: Vec<String> = refs
+                .iter()
+                .map(|link| format!("{}={}", link.kind().as_str_name(), link.remote_id))
+                .collect();
+            span.record("remote_ids", remote_ids.join(","));
+        } else {
+            span.record("otel.status_code", "ERROR");
+        }
         leadrelay_runtime::metrics::metrics().job_finished(system_name(job.target), outcome);
         if state != "done" {
             tracing::warn!(job = %job.id, target = system_name(job.target), state, error, "sync job failed");
@@ -579,7 +620,7 @@ async fn queue_hana_write_back(
     sqlx::query(
         "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
          next_attempt_at, created_at, updated_at, state, attempts, last_error) \
-         VALUES ($1, $2, 'hana', $3, $4, $5, NULL, $6, $6, $6, 'pending', 0, '')",
+         VALUES ($1, $2, 'hana', $3, $4, $5, $7, $6, $6, $6, 'pending', 0, '')",
     )
     .bind(crate::ingest::new_id("job"))
     .bind(&job.event_id)
@@ -587,6 +628,8 @@ async fn queue_hana_write_back(
     .bind(entity_type)
     .bind(entity_id)
     .bind(now)
+    // The write-back continues the trace of the job that learned the remote id.
+    .bind(current_traceparent())
     .execute(&mut **transaction)
     .await?;
     Ok(())
@@ -669,6 +712,7 @@ mod tests {
             operation: JobOperation::UpsertLead,
             entity_id: "lead_1".to_owned(),
             attempts,
+            trace_context: None,
         };
         assert!(matches!(
             classify(&job(0), &tonic::Status::invalid_argument("Validation failed: title")),

@@ -12,10 +12,10 @@ use leadrelay_proto::salesman::v1::{
     Lead, ListLeadsRequest, ListOrderDirection,
     sales_man_adapter_service_client::SalesManAdapterServiceClient,
 };
+use leadrelay_runtime::propagation::{TracedChannel, current_traceparent};
 use sqlx::Row;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::{
     ingest::{IngestError, new_id, now_ms},
@@ -50,7 +50,7 @@ fn status_code(lead: &Lead) -> &'static str {
 #[derive(Clone, Debug)]
 pub struct SalesManPoller {
     store: Store,
-    adapter: SalesManAdapterServiceClient<Channel>,
+    adapter: SalesManAdapterServiceClient<TracedChannel>,
     running: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -217,12 +217,13 @@ async fn follow_status_change(
         sqlx::query(
             "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
              next_attempt_at, created_at, updated_at, state, attempts, last_error) \
-             VALUES ($1, $2, 'hana', 'upsert_lead', 'lead', $3, NULL, $4, $4, $4, 'pending', 0, '')",
+             VALUES ($1, $2, 'hana', 'upsert_lead', 'lead', $3, $5, $4, $4, $4, 'pending', 0, '')",
         )
         .bind(new_id("job"))
         .bind(event_id)
         .bind(&entity_id)
         .bind(now)
+        .bind(current_traceparent())
         .execute(&mut **transaction)
         .await?;
         tracing::info!(lead = %entity_id, salesman_lead = %lead_id, status, "salesman status goes back to hana");

@@ -12,6 +12,7 @@ use leadrelay_proto::v1::{
 };
 use leadrelay_runtime::propagation::current_traceparent;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::{
     ingest::{HanaCall, IngestError, IngestPolicy, Ingester, millis, now_ms, timestamp},
@@ -124,6 +125,13 @@ fn remote_key(remote: leadrelay_proto::v1::RemoteKey) -> Result<EntityKey, Statu
     })
 }
 
+/// Records what became of an ingested event on its span.
+fn record_outcome(span: &tracing::Span, event_id: &str, duplicate: bool, quarantined: bool) {
+    span.record("event_id", event_id);
+    span.record("duplicate", duplicate);
+    span.record("quarantined", quarantined);
+}
+
 fn page(page_size: u32, page_token: &str) -> Result<Page, Status> {
     Page::parse(page_size, page_token).map_err(Status::invalid_argument)
 }
@@ -141,15 +149,38 @@ impl OrchestratorService for Orchestrator {
             None => Err("the call carried no body".to_owned()),
         };
         let received_at_ms = request.received_at.as_ref().map_or_else(now_ms, millis);
-        let call = HanaCall {
-            kind: HanaEventKind::try_from(request.kind).unwrap_or(HanaEventKind::Unspecified),
-            body,
-            raw_body: request.raw_body,
-            received_at_ms,
-            trace_context: current_traceparent(),
-        };
-        let outcome = self.ingester.ingest(call).await?;
-        tracing::debug!(event_id = %outcome.event_id, duplicate = outcome.duplicate, quarantined = outcome.quarantined, "hana event stored");
+        let kind = HanaEventKind::try_from(request.kind).unwrap_or(HanaEventKind::Unspecified);
+        let span = tracing::info_span!(
+            "ingest",
+            otel.name = "ingest hana event",
+            event_kind = kind.as_str_name(),
+            application_id = body
+                .as_ref()
+                .map_or("", |webhook| webhook.application_id.as_str()),
+            event_id = tracing::field::Empty,
+            duplicate = tracing::field::Empty,
+            quarantined = tracing::field::Empty,
+        );
+        let outcome = async {
+            // Saved with the event and its jobs: each job's run continues this trace.
+            let call = HanaCall {
+                kind,
+                body,
+                raw_body: request.raw_body,
+                received_at_ms,
+                trace_context: current_traceparent(),
+            };
+            self.ingester.ingest(call).await
+        }
+        .instrument(span.clone())
+        .await?;
+        record_outcome(
+            &span,
+            &outcome.event_id,
+            outcome.duplicate,
+            outcome.quarantined,
+        );
+        tracing::debug!(parent: &span, "hana event stored");
         Ok(Response::new(IngestHanaEventResponse {
             event_id: outcome.event_id,
             duplicate: outcome.duplicate,
@@ -162,15 +193,32 @@ impl OrchestratorService for Orchestrator {
         request: Request<IngestPipedriveEventRequest>,
     ) -> Result<Response<IngestPipedriveEventResponse>, Status> {
         let request = request.into_inner();
-        let trace_context = current_traceparent();
-        let outcome = crate::pipedrive_events::ingest_pipedrive(
-            &self.store,
-            &request,
-            trace_context.as_deref(),
-            None,
-        )
+        let span = tracing::info_span!(
+            "ingest",
+            otel.name = "ingest pipedrive event",
+            event_id = tracing::field::Empty,
+            duplicate = tracing::field::Empty,
+            quarantined = tracing::field::Empty,
+        );
+        let outcome = async {
+            let trace_context = current_traceparent();
+            crate::pipedrive_events::ingest_pipedrive(
+                &self.store,
+                &request,
+                trace_context.as_deref(),
+                None,
+            )
+            .await
+        }
+        .instrument(span.clone())
         .await?;
-        tracing::debug!(event_id = %outcome.event_id, duplicate = outcome.duplicate, quarantined = outcome.quarantined, "pipedrive event stored");
+        record_outcome(
+            &span,
+            &outcome.event_id,
+            outcome.duplicate,
+            outcome.quarantined,
+        );
+        tracing::debug!(parent: &span, "pipedrive event stored");
         Ok(Response::new(IngestPipedriveEventResponse {
             event_id: outcome.event_id,
             duplicate: outcome.duplicate,

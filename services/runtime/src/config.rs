@@ -239,6 +239,34 @@ impl FromStr for LogFormat {
     }
 }
 
+/// The OTLP transport (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC; the collector's port 4317.
+    Grpc,
+    /// OTLP protobuf over HTTP (`POST {endpoint}/v1/traces`); the collector's port 4318. The
+    /// OpenTelemetry specification's default.
+    HttpProtobuf,
+}
+
+impl FromStr for OtlpProtocol {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "grpc" => Ok(Self::Grpc),
+            "http/protobuf" => Ok(Self::HttpProtobuf),
+            "http/json" => Err(
+                "'http/json' is not supported; use 'http/protobuf' (port 4318) or 'grpc' (port 4317)"
+                    .to_owned(),
+            ),
+            _ => Err(format!(
+                "expected 'grpc' or 'http/protobuf', got '{value}'"
+            )),
+        }
+    }
+}
+
 /// A listen address; `:50051` means every interface.
 fn parse_listen(value: &str) -> Result<SocketAddr, String> {
     if let Some(port) = value.strip_prefix(':') {
@@ -375,6 +403,8 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     /// OTLP collector endpoint, when traces should be exported.
     pub otlp_endpoint: Option<Url>,
+    /// How spans reach the collector.
+    pub otlp_protocol: OtlpProtocol,
     /// Service name reported in traces; unset means the service's own name.
     pub service_name: Option<String>,
 }
@@ -501,6 +531,11 @@ const KEYS: &[Key] = &[
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         Some("telemetry"),
         "otlp_endpoint",
+    ),
+    key(
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        Some("telemetry"),
+        "otlp_protocol",
     ),
     key("OTEL_SERVICE_NAME", Some("telemetry"), "service_name"),
 ];
@@ -667,6 +702,11 @@ impl Settings {
             telemetry: TelemetrySettings {
                 log_format: raw.take_or("LEADRELAY_LOG_FORMAT", "text", str::parse)?,
                 otlp_endpoint: raw.take("OTEL_EXPORTER_OTLP_ENDPOINT", parse_http_url)?,
+                otlp_protocol: raw.take_or(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    "http/protobuf",
+                    str::parse,
+                )?,
                 service_name: raw.take("OTEL_SERVICE_NAME", parse_nonempty)?,
             },
             config_file,

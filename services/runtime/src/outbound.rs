@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
 /// An HTTP client for an outside API: rustls, pooled connections, `timeout` per call and at most
 /// 5 s to connect, and LeadRelay's user agent.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
@@ -40,19 +43,52 @@ pub fn snippet(bytes: &[u8]) -> String {
     }
 }
 
-/// Sends `request` to `system` ("pipedrive", "salesman", "hana"), counting the call and its time
+/// Sends `request` to `system` ("pipedrive", "salesman", "hana") in a client span that continues
+/// the current trace and hands it on in the `traceparent` header, counting the call and its time
 /// in the metrics by HTTP status, or `timeout` / `network` when no answer came.
+///
+/// The span names the method, the system and the host, never the URL's path or query, which
+/// may carry ids of people or a credential.
 pub async fn send(
     system: &str,
     request: reqwest::RequestBuilder,
 ) -> Result<reqwest::Response, reqwest::Error> {
+    let (client, request) = request.build_split();
+    let mut request = request?;
+    let span = tracing::info_span!(
+        "outbound call",
+        otel.name = %format_args!("{} {system}", request.method()),
+        otel.kind = "client",
+        http.request.method = %request.method(),
+        server.address = request.url().host_str().unwrap_or_default(),
+        crm.system = system,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(
+            &context,
+            &mut opentelemetry_http::HeaderInjector(request.headers_mut()),
+        );
+    });
     let started = std::time::Instant::now();
-    let answer = request.send().await;
+    let answer = client.execute(request).instrument(span.clone()).await;
     let status = match &answer {
-        Ok(response) => response.status().as_u16().to_string(),
+        Ok(response) => {
+            span.record("http.response.status_code", response.status().as_u16());
+            response.status().as_u16().to_string()
+        }
         Err(error) if error.is_timeout() => "timeout".to_owned(),
         Err(_) => "network".to_owned(),
     };
+    // A client call that got no answer, or an answer of 4xx or 5xx, failed.
+    if !answer
+        .as_ref()
+        .is_ok_and(|response| response.status().as_u16() < 400)
+    {
+        span.record("otel.status_code", "ERROR");
+    }
     crate::metrics::metrics().crm_call(system, &status, started.elapsed());
     answer
 }

@@ -68,6 +68,19 @@ pub fn current_traceparent() -> Option<String> {
     fields.remove("traceparent")
 }
 
+/// Makes `span` continue the trace whose W3C `traceparent` was saved with work that continues
+/// now (see [`current_traceparent`]). A missing or malformed value leaves the span a root.
+pub fn continue_trace(span: &Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let fields =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = global::get_text_map_propagator(|propagator| propagator.extract(&fields));
+    // A span without an OpenTelemetry layer cannot take a parent; that is fine in tests.
+    let _ = span.set_parent(parent);
+}
+
 /// A channel to a peer service that carries trace context on every call.
 pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
 
@@ -95,12 +108,21 @@ impl ServerSpan {
 
 impl<B> MakeSpan<B> for ServerSpan {
     fn make_span(&mut self, request: &http::Request<B>) -> Span {
+        // Named as OpenTelemetry's conventions have it: the RPC (`package.Service/Method`), or
+        // the HTTP method and path; never the query, which may hold a webhook token.
+        let path = request.uri().path();
+        let name = if self.protocol == "grpc" {
+            path.trim_start_matches('/').to_owned()
+        } else {
+            format!("{} {path}", request.method())
+        };
         let span = tracing::info_span!(
             "request",
+            otel.name = %name,
             otel.kind = "server",
             protocol = self.protocol,
             method = %request.method(),
-            path = %request.uri().path(),
+            path = %path,
         );
         let parent = global::get_text_map_propagator(|propagator| {
             propagator.extract(&HeaderExtractor(request.headers()))
