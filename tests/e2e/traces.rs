@@ -27,11 +27,27 @@ use crate::{
     support::{Error, TestResult, Up},
 };
 
-/// The spans a collector received, from any protocol.
+/// The header a hosted collector would take its credential from.
+const COLLECTOR_KEY_HEADER: &str = "x-collector-key";
+
+/// The credential, which no log line may show.
+const COLLECTOR_KEY: &str = "otlp-collector-secret-41";
+
+/// The spans a collector received, from any protocol, and the credentials they came with.
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<Span>>>);
+struct Received(Arc<Mutex<Vec<Span>>>, Arc<Mutex<Vec<String>>>);
 
 impl Received {
+    fn key(&self, key: Option<&str>) {
+        if let Ok(mut keys) = self.1.lock() {
+            keys.push(key.unwrap_or_default().to_owned());
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.1.lock().map(|keys| keys.clone()).unwrap_or_default()
+    }
+
     fn add(&self, request: ExportTraceServiceRequest) {
         let spans = request
             .resource_spans
@@ -54,6 +70,12 @@ impl TraceService for Received {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.key(
+            request
+                .metadata()
+                .get(COLLECTOR_KEY_HEADER)
+                .and_then(|value| value.to_str().ok()),
+        );
         self.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -77,18 +99,25 @@ async fn http_collector(received: Received) -> Result<SocketAddr, Error> {
     let addr = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| async move {
-            match ExportTraceServiceRequest::decode(body) {
-                Ok(request) => {
-                    received.add(request);
-                    (
-                        axum::http::StatusCode::OK,
-                        ExportTraceServiceResponse::default().encode_to_vec(),
-                    )
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                received.key(
+                    headers
+                        .get(COLLECTOR_KEY_HEADER)
+                        .and_then(|value| value.to_str().ok()),
+                );
+                match ExportTraceServiceRequest::decode(body) {
+                    Ok(request) => {
+                        received.add(request);
+                        (
+                            axum::http::StatusCode::OK,
+                            ExportTraceServiceResponse::default().encode_to_vec(),
+                        )
+                    }
+                    Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
                 }
-                Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
-            }
-        }),
+            },
+        ),
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(addr)
@@ -150,6 +179,7 @@ async fn one_webhook_is_one_trace(
     let folder = tempfile::tempdir()?;
     let pipedrive_url = pipedrive_fake.uri();
     let endpoint = format!("http://{collector}");
+    let collector_headers = format!("{COLLECTOR_KEY_HEADER}={COLLECTOR_KEY}");
     let up = Up::start(
         folder.path(),
         &[
@@ -157,10 +187,9 @@ async fn one_webhook_is_one_trace(
             ("LEADRELAY_PIPEDRIVE_API_TOKEN", "pd-trace-token-1"),
             ("LEADRELAY_PIPEDRIVE_POLL_INTERVAL", "1h"),
             ("LEADRELAY_LOG_FORMAT", "json"),
-            (
-                "RUST_LOG",
-                "info,leadrelay_runtime=debug,leadrelay_pipedrive=debug",
-            ),
+            // Everything, the OpenTelemetry crates' own debug lines included.
+            ("RUST_LOG", "debug"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", &collector_headers),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
@@ -291,8 +320,19 @@ async fn one_webhook_is_one_trace(
         assert!(outbound_ids.iter().any(|id| id == parent), "{traceparent}");
     }
 
-    // Every log line written inside the trace names it.
+    // The exporter sent its credential, and no log line shows it.
+    let keys = received.keys();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|key| key == COLLECTOR_KEY),
+        "{keys:?}"
+    );
     let logs = up.logs();
+    assert!(
+        !logs.contains(COLLECTOR_KEY),
+        "the collector's credential is in the logs"
+    );
+
+    // Every log line written inside the trace names it.
     let traced_lines: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())

@@ -16,7 +16,8 @@ use opentelemetry_sdk::{
 use tracing::{Event, Subscriber};
 use tracing_opentelemetry::OtelData;
 use tracing_subscriber::{
-    EnvFilter,
+    EnvFilter, Layer as _,
+    filter::filter_fn,
     fmt::{
         FmtContext, FormatEvent, FormatFields,
         format::{self, Writer},
@@ -103,22 +104,27 @@ pub fn init(
     let fmt_layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false);
+    let no_exporter_secrets = filter_fn(|metadata| !leaks_exporter_secrets(metadata));
     match settings.log_format {
         LogFormat::Text => registry
             .with(
                 fmt_layer
                     .with_target(false)
-                    .event_format(WithTraceIds::text(format::format().with_target(false))),
+                    .event_format(WithTraceIds::text(format::format().with_target(false)))
+                    .with_filter(no_exporter_secrets),
             )
             .try_init()?,
         LogFormat::Json => registry
             .with(
-                fmt_layer.json().event_format(WithTraceIds::json(
-                    format::format()
-                        .json()
-                        .flatten_event(true)
-                        .with_current_span(true),
-                )),
+                fmt_layer
+                    .json()
+                    .event_format(WithTraceIds::json(
+                        format::format()
+                            .json()
+                            .flatten_event(true)
+                            .with_current_span(true),
+                    ))
+                    .with_filter(no_exporter_secrets),
             )
             .try_init()?,
     }
@@ -130,6 +136,13 @@ pub fn init(
         );
     }
     Ok(TelemetryGuard { provider })
+}
+
+/// Whether an event may carry the exporter's credentials: the OTLP exporter's own debug lines
+/// print the headers it sends (`OTEL_EXPORTER_OTLP_HEADERS`, often an API key), so the
+/// OpenTelemetry crates are logged at info and above only, whatever `RUST_LOG` says.
+fn leaks_exporter_secrets(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.target().starts_with("opentelemetry") && *metadata.level() > tracing::Level::INFO
 }
 
 /// The collector's address with any user, password, query or fragment left out.
@@ -418,6 +431,27 @@ mod tests {
             )),
             "{}",
             lines[1]
+        );
+    }
+
+    #[test]
+    fn the_exporters_debug_lines_are_never_written() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(captured.clone())
+                .with_filter(filter_fn(|metadata| !leaks_exporter_secrets(metadata))),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!(target: "opentelemetry-otlp", headers = "x-api-key=secret", "TonicChannelBuilt");
+            tracing::warn!(target: "opentelemetry_sdk", "export failed");
+            tracing::debug!(target: "leadrelay_pipedrive", "pipedrive call");
+        });
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            !lines.iter().any(|line| line.contains("secret")),
+            "{lines:?}"
         );
     }
 
