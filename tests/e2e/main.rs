@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod hana_ingest;
 mod metrics;
+mod operations;
 mod pipedrive;
 mod pipedrive_ingest;
 mod pipedrive_poll;

