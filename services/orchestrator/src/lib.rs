@@ -101,15 +101,24 @@ pub fn pollers(settings: &Settings) -> Pollers {
     }
 }
 
-/// Reads the jobs by target and state, and the oldest pending job's age, from the store before
-/// each metrics scrape.
-fn register_job_gauges(store: &Store) {
+/// Reads the jobs by target and state, and the age of the oldest pending job of each target in
+/// `run_targets`, from the store before each metrics scrape. Jobs for a system this orchestrator
+/// does not run wait until it is configured: they are counted, but their age is no lag to alert
+/// on.
+fn register_job_gauges(store: &Store, run_targets: Vec<&'static str>) {
     let store = store.clone();
     leadrelay_runtime::metrics::metrics().on_scrape(move || {
         let store = store.clone();
+        let run_targets = run_targets.clone();
         async move {
-            let stats = match queries::stats(store.pool()).await {
-                Ok(stats) => stats,
+            let read = async {
+                Ok::<_, StoreError>((
+                    queries::stats(store.pool()).await?,
+                    queries::oldest_pending_by_target(store.pool()).await?,
+                ))
+            };
+            let (stats, oldest) = match read.await {
+                Ok(read) => read,
                 Err(error) => {
                     tracing::warn!(%error, "could not read the job counts for the metrics");
                     return;
@@ -123,12 +132,18 @@ fn register_job_gauges(store: &Store) {
                     i64::try_from(count.count).unwrap_or(i64::MAX),
                 )
             }));
-            let age_ms = stats
-                .oldest_pending_ms
-                .map_or(0, |created| ingest::now_ms().saturating_sub(created));
-            metrics.set_oldest_pending_age(std::time::Duration::from_millis(
-                u64::try_from(age_ms).unwrap_or(0),
-            ));
+            let now = ingest::now_ms();
+            metrics.set_oldest_pending_ages(run_targets.iter().map(|target| {
+                let created = oldest
+                    .iter()
+                    .find(|(pending, _)| pending == target)
+                    .map(|(_, created)| *created);
+                let age_ms = created.map_or(0, |created| now.saturating_sub(created));
+                (
+                    *target,
+                    std::time::Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)),
+                )
+            }));
         }
     });
 }
@@ -156,7 +171,14 @@ pub async fn serve(
                 .map(|poller| (poller, settings.interval))
         })
         .transpose()?;
-    register_job_gauges(&store);
+    register_job_gauges(
+        &store,
+        pollers
+            .sync_targets
+            .iter()
+            .map(|(system, _)| routes::system_name(*system))
+            .collect(),
+    );
     let orchestrator = Orchestrator::new(store.clone(), policy)?
         .with_pipedrive_poller(pipedrive.as_ref().map(|(poller, _)| poller.clone()))
         .with_salesman_poller(salesman.as_ref().map(|(poller, _)| poller.clone()));

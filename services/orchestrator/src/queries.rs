@@ -282,6 +282,19 @@ pub fn job_state_name(state: JobState) -> &'static str {
     }
 }
 
+/// The creation time (unix milliseconds) of the oldest pending job of each target that has one.
+pub async fn oldest_pending_by_target(pool: &AnyPool) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT target, MIN(created_at) AS oldest FROM jobs WHERE state = 'pending' GROUP BY target",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("target")?, row.try_get("oldest")?)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
 /// Lists jobs in `state` for `target` (empty: any), oldest first, after the job with sequence
 /// `after_seq`; returns them and the next page token.
 pub async fn list_jobs(

@@ -6,7 +6,7 @@
 //! | `leadrelay_webhooks_total` | counter | `source` (hana, pipedrive), `outcome` |
 //! | `leadrelay_webhook_ack_seconds` | histogram | `source` |
 //! | `leadrelay_jobs` | gauge, read from the store at scrape time | `target`, `state` |
-//! | `leadrelay_oldest_pending_job_age_seconds` | gauge, at scrape time | |
+//! | `leadrelay_oldest_pending_job_age_seconds` | gauge, at scrape time | `target` (each target this orchestrator runs) |
 //! | `leadrelay_jobs_finished_total` | counter | `target`, `outcome` (done, retry, dead) |
 //! | `leadrelay_dead_letters_total` | counter | `target` |
 //! | `leadrelay_crm_calls_total` | counter | `system`, `status` (HTTP status, or timeout, network) |
@@ -44,7 +44,7 @@ pub struct Metrics {
     webhooks: Family<Labels, Counter>,
     webhook_ack: HistogramFamily,
     jobs: Family<Labels, Gauge>,
-    oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    oldest_pending_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     jobs_finished: Family<Labels, Counter>,
     dead_letters: Family<Labels, Counter>,
     crm_calls: Family<Labels, Counter>,
@@ -97,10 +97,11 @@ impl Metrics {
         );
         let jobs = Family::<Labels, Gauge>::default();
         registry.register("jobs", "Sync jobs by target and state", jobs.clone());
-        let oldest_pending_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let oldest_pending_age =
+            Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "oldest_pending_job_age_seconds",
-            "Age of the oldest pending sync job; 0 when none is pending",
+            "Age of the oldest pending sync job of each target the orchestrator runs; 0 when none is pending",
             oldest_pending_age.clone(),
         );
         let jobs_finished = Family::<Labels, Counter>::default();
@@ -178,9 +179,14 @@ impl Metrics {
         }
     }
 
-    /// Sets the age of the oldest pending job.
-    pub fn set_oldest_pending_age(&self, age: Duration) {
-        self.oldest_pending_age.set(age.as_secs_f64());
+    /// Replaces the ages of the oldest pending job of each target with `ages` of (target, age).
+    pub fn set_oldest_pending_ages<'a>(&self, ages: impl IntoIterator<Item = (&'a str, Duration)>) {
+        self.oldest_pending_age.clear();
+        for (target, age) in ages {
+            self.oldest_pending_age
+                .get_or_create(&labels(&[("target", target)]))
+                .set(age.as_secs_f64());
+        }
     }
 
     /// A job run for `target` ended with `outcome`: done, retry or dead.
@@ -285,7 +291,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.webhook("hana", "accepted", Duration::from_millis(3));
         metrics.set_job_counts([("pipedrive", "pending", 2)]);
-        metrics.set_oldest_pending_age(Duration::from_secs(5));
+        metrics.set_oldest_pending_ages([("pipedrive", Duration::from_secs(5))]);
         metrics.job_finished("salesman", "dead");
         metrics.crm_call("pipedrive", "429", Duration::from_millis(80));
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
@@ -293,7 +299,7 @@ mod tests {
         for sample in [
             r#"leadrelay_webhooks_total{source="hana",outcome="accepted"} 1"#,
             r#"leadrelay_jobs{target="pipedrive",state="pending"} 2"#,
-            "leadrelay_oldest_pending_job_age_seconds 5.0",
+            "leadrelay_oldest_pending_job_age_seconds{target=\"pipedrive\"} 5.0",
             r#"leadrelay_jobs_finished_total{target="salesman",outcome="dead"} 1"#,
             r#"leadrelay_dead_letters_total{target="salesman"} 1"#,
             r#"leadrelay_crm_calls_total{system="pipedrive",status="429"} 1"#,
@@ -311,6 +317,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.webhook("hana", "accepted", Duration::from_millis(3));
         metrics.set_job_counts([("pipedrive", "pending", 2)]);
+        metrics.set_oldest_pending_ages([("pipedrive", Duration::from_secs(3))]);
         metrics.job_finished("salesman", "dead");
         metrics.crm_call("pipedrive", "200", Duration::from_millis(80));
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
