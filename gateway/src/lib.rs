@@ -54,6 +54,8 @@ pub enum GatewayStartError {
 pub struct GatewayConfig {
     /// The secret Hana must present.
     pub hana_webhook_token: SecretString,
+    /// The secret it replaces, accepted too while a rotation is under way.
+    pub hana_webhook_token_previous: Option<SecretString>,
     /// The Basic-auth credentials Pipedrive must present; `None` turns the endpoint off.
     pub pipedrive_webhook: Option<BasicCredentials>,
     /// The orchestrator's address, for messages.
@@ -80,6 +82,7 @@ impl GatewayConfig {
         };
         Ok(Self {
             hana_webhook_token,
+            hana_webhook_token_previous: settings.hana.webhook_token_previous.clone(),
             pipedrive_webhook,
             orchestrator_url: settings.peers.orchestrator.clone(),
         })

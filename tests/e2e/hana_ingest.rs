@@ -503,6 +503,63 @@ async fn the_event_name_in_the_body_names_the_event(backend: Backend) -> TestRes
     harness.finish().await
 }
 
+/// During a rotation the gateway takes the new webhook token and the previous one, and nothing
+/// else; the previous one stops working once it is no longer configured.
+#[tokio::test]
+async fn a_rotated_webhook_token_and_its_predecessor_are_both_accepted() -> TestResult {
+    let rotating = Harness::start(
+        Backend::Sqlite,
+        &[
+            ("LEADRELAY_HANA_WEBHOOK_TOKEN", "hana-token-new-2"),
+            ("LEADRELAY_HANA_WEBHOOK_TOKEN_PREVIOUS", "hana-token-old-1"),
+        ],
+    )
+    .await?;
+    let gateway = rotating.up.gateway_url();
+    let post = |harness: &Harness, token: &str, id: &str| {
+        let request = harness
+            .http
+            .post(format!("{gateway}/webhooks/hana/lead.created"))
+            .header("x-leadrelay-token", token)
+            .body(lead_body(id, &[]));
+        async move { Ok::<_, Error>(request.send().await?.status().as_u16()) }
+    };
+    assert_eq!(post(&rotating, "hana-token-new-2", "rot-1").await?, 200);
+    assert_eq!(post(&rotating, "hana-token-old-1", "rot-2").await?, 200);
+    assert_eq!(post(&rotating, "hana-token-other-3", "rot-3").await?, 401);
+    assert!(
+        rotating
+            .up
+            .logs()
+            .contains("a Hana webhook came with the previous token"),
+        "the gateway says Hana still uses the previous token"
+    );
+    let stats = rotating
+        .orchestrator
+        .clone()
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(stats.events_total, 2);
+    rotating.finish().await?;
+
+    let rotated = Harness::start(
+        Backend::Sqlite,
+        &[("LEADRELAY_HANA_WEBHOOK_TOKEN", "hana-token-new-2")],
+    )
+    .await?;
+    let gateway = rotated.up.gateway_url();
+    let answer = rotated
+        .http
+        .post(format!("{gateway}/webhooks/hana/lead.created"))
+        .header("x-leadrelay-token", "hana-token-old-1")
+        .body(lead_body("rot-4", &[]))
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 401);
+    rotated.finish().await
+}
+
 /// Declares each scenario once per backend.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {

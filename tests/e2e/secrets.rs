@@ -17,6 +17,7 @@ use crate::{
 
 const HANA_WEBHOOK_TOKEN: &str = "hana-hook-secret-5f2a9c";
 const HANA_ACCESS_TOKEN: &str = "hana-access-secret-81d0e7";
+const HANA_WEBHOOK_TOKEN_PREVIOUS: &str = "hana-hook-old-secret-77e0b3";
 const PIPEDRIVE_TOKEN: &str = "pd-api-secret-3e77b1";
 const PIPEDRIVE_HOOK_USER: &str = "pipedrive-hook";
 const PIPEDRIVE_HOOK_PASSWORD: &str = "pd-hook-secret-c40f12";
@@ -53,6 +54,10 @@ async fn no_secret_reaches_a_log_line_with_debug_logging() -> TestResult {
             ("RUST_LOG", "debug"),
             ("LEADRELAY_DATABASE_URL", database_url.as_str()),
             ("LEADRELAY_HANA_WEBHOOK_TOKEN", HANA_WEBHOOK_TOKEN),
+            (
+                "LEADRELAY_HANA_WEBHOOK_TOKEN_PREVIOUS",
+                HANA_WEBHOOK_TOKEN_PREVIOUS,
+            ),
             ("LEADRELAY_HANA_API_URL", hana_url.as_str()),
             ("LEADRELAY_HANA_ACCESS_TOKEN", HANA_ACCESS_TOKEN),
             ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
@@ -95,6 +100,13 @@ async fn no_secret_reaches_a_log_line_with_debug_logging() -> TestResult {
             .await?;
         assert_eq!(answer.status(), 200);
     }
+    // A rotation under way: Hana still sends the previous token.
+    let previous = http
+        .post(webhook("lead.updated", HANA_WEBHOOK_TOKEN_PREVIOUS))
+        .body(SEED_SAMPLE)
+        .send()
+        .await?;
+    assert_eq!(previous.status(), 200);
     let refused = http
         .post(
             up.hana_webhook("lead.created")
@@ -163,6 +175,7 @@ async fn no_secret_reaches_a_log_line_with_debug_logging() -> TestResult {
     );
     for secret in [
         HANA_WEBHOOK_TOKEN,
+        HANA_WEBHOOK_TOKEN_PREVIOUS,
         HANA_ACCESS_TOKEN,
         PIPEDRIVE_TOKEN,
         PIPEDRIVE_HOOK_PASSWORD,

@@ -324,6 +324,8 @@ fn parse_nonempty(value: &str) -> Result<String, String> {
 pub struct HanaSettings {
     /// Secret Hana must present on webhooks (`?token=` or `X-LeadRelay-Token`).
     pub webhook_token: Option<SecretString>,
+    /// The secret it replaces, still accepted while Hana's webhook URL is being changed.
+    pub webhook_token_previous: Option<SecretString>,
     /// Hana's update endpoint; unset turns write-back off.
     pub api_url: Option<Url>,
     /// Bearer token for the update endpoint.
@@ -456,6 +458,11 @@ const KEYS: &[Key] = &[
         "LEADRELAY_HANA_WEBHOOK_TOKEN",
         Some("hana"),
         "webhook_token",
+    ),
+    key(
+        "LEADRELAY_HANA_WEBHOOK_TOKEN_PREVIOUS",
+        Some("hana"),
+        "webhook_token_previous",
     ),
     key("LEADRELAY_HANA_API_URL", Some("hana"), "api_url"),
     key("LEADRELAY_HANA_ACCESS_TOKEN", Some("hana"), "access_token"),
@@ -659,6 +666,8 @@ impl Settings {
             job_lease: raw.take_or("LEADRELAY_JOB_LEASE", "30s", parse_duration)?,
             hana: HanaSettings {
                 webhook_token: raw.take("LEADRELAY_HANA_WEBHOOK_TOKEN", parse_secret)?,
+                webhook_token_previous: raw
+                    .take("LEADRELAY_HANA_WEBHOOK_TOKEN_PREVIOUS", parse_secret)?,
                 api_url: raw.take("LEADRELAY_HANA_API_URL", parse_http_url)?,
                 access_token: raw.take("LEADRELAY_HANA_ACCESS_TOKEN", parse_secret)?,
                 application_ids: raw
