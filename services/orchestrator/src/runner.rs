@@ -12,7 +12,9 @@
 //! - Claiming is a conditional update (`pending` → `running`), so any number of runners on
 //!   Postgres never run one job twice. A runner renews the lease of each job it holds every third
 //!   of the lease (`LEADRELAY_JOB_LEASE`, [`DEFAULT_LEASE`]); a job whose runner died is taken
-//!   again once its lease has passed, so the retry comes soon after the crash.
+//!   again once its lease has passed, so the retry comes soon after the crash. Each claim carries
+//!   a token of its own: a runner that lost its lease renews and records only while the row
+//!   still holds its token, so it cannot overwrite the run of the runner that took the job over.
 //! - Retries: transient failures (unavailable, deadline, rate limit, …) wait
 //!   1 s · 2^attempts (at most 10 min, ±20% jitter), or the adapter's retry hint when longer;
 //!   after [`MAX_ATTEMPTS`] attempts, or at once for a permanent error, the job is dead and keeps
@@ -75,6 +77,9 @@ struct Claimed {
     attempts: i64,
     /// The `traceparent` of the call that queued the job: the job's span continues its trace.
     trace_context: Option<String>,
+    /// This claim's token: the job's lease, renewal and outcome are this runner's only while the
+    /// row still holds it.
+    claim: String,
 }
 
 impl Claimed {
@@ -218,7 +223,8 @@ impl JobRunner {
     async fn release_expired_leases(&self) -> Result<(), StoreError> {
         let now = now_ms();
         sqlx::query(
-            "UPDATE jobs SET state = 'pending', updated_at = $1 WHERE state = 'running' AND updated_at < $2",
+            "UPDATE jobs SET state = 'pending', claim = NULL, updated_at = $1 \
+             WHERE state = 'running' AND updated_at < $2",
         )
         .bind(now)
         .bind(now - self.lease_ms)
@@ -258,12 +264,15 @@ impl JobRunner {
                 entity_id: row.try_get("entity_id")?,
                 attempts: row.try_get("attempts")?,
                 trace_context: row.try_get("trace_context")?,
+                claim: crate::ingest::new_id("claim"),
             };
             let taken = sqlx::query(
-                "UPDATE jobs SET state = 'running', updated_at = $1 WHERE id = $2 AND state = 'pending'",
+                "UPDATE jobs SET state = 'running', claim = $3, updated_at = $1 \
+                 WHERE id = $2 AND state = 'pending'",
             )
             .bind(now)
             .bind(&job.id)
+            .bind(&job.claim)
             .execute(&mut *transaction)
             .await?
             .rows_affected();
@@ -307,21 +316,25 @@ impl JobRunner {
                 Ok(finished) => finished,
                 Err(status) => classify(job, &status),
             },
-            () = self.renew_lease(&job.id) => return Ok(()),
+            () = self.renew_lease(job) => return Ok(()),
         };
         self.finish(job, finished).await
     }
 
-    /// Keeps `job_id`'s lease alive, renewing it every third of the lease; returns only if the
-    /// job is no longer this runner's (another runner took it after a stall).
-    async fn renew_lease(&self, job_id: &str) {
+    /// Keeps `job`'s lease alive, renewing it every third of the lease; returns only if the job
+    /// is no longer this runner's (another runner took it after a stall).
+    async fn renew_lease(&self, job: &Claimed) {
+        let job_id = job.id.as_str();
         let every = Duration::from_millis(u64::try_from(self.lease_ms / 3).unwrap_or(1).max(1));
         loop {
             tokio::time::sleep(every).await;
             let renewed =
-                sqlx::query("UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'running'")
-                    .bind(now_ms())
-                    .bind(job_id)
+                sqlx::query(
+                    "UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'running' AND claim = $3",
+                )
+                .bind(now_ms())
+                .bind(job_id)
+                .bind(&job.claim)
                     .execute(self.store.pool())
                     .await;
             match renewed {
@@ -484,13 +497,14 @@ impl JobRunner {
         let mut transaction = self.store.begin_write().await?;
         let still_ours = sqlx::query(
             "UPDATE jobs SET state = $1, attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
-             updated_at = $4 WHERE id = $5 AND state = 'running'",
+             updated_at = $4 WHERE id = $5 AND state = 'running' AND claim = $6",
         )
         .bind(state)
         .bind(next_at)
         .bind(&error)
         .bind(now)
         .bind(&job.id)
+        .bind(&job.claim)
         .execute(&mut *transaction)
         .await?
         .rows_affected();
@@ -695,6 +709,92 @@ fn backoff_ms(attempts: i64, job_id: &str) -> i64 {
 mod tests {
     use super::*;
 
+    /// A store with one pending Pipedrive job, `job_1`, due now.
+    async fn store_with_a_job(
+        folder: &std::path::Path,
+    ) -> Result<Store, Box<dyn std::error::Error>> {
+        let url: leadrelay_runtime::config::DatabaseUrl =
+            format!("sqlite://{}/runner.db", folder.display()).parse()?;
+        let store = Store::connect(&url).await?;
+        store.migrate().await?;
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO events (id, source, kind, dedupe_key, raw_body, received_at) \
+             VALUES ('evt_1', 'hana', 'lead.created', 'key_1', $1, $2)",
+        )
+        .bind(b"{}".to_vec())
+        .bind(now)
+        .execute(store.pool())
+        .await?;
+        sqlx::query(
+            "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, \
+             next_attempt_at, created_at, updated_at, state, attempts, last_error) \
+             VALUES ('job_1', 'evt_1', 'pipedrive', 'upsert_lead', 'lead', 'lead_1', $1, $1, $1, 'pending', 0, '')",
+        )
+        .bind(now)
+        .execute(store.pool())
+        .await?;
+        Ok(store)
+    }
+
+    async fn state_of(store: &Store) -> Result<String, sqlx::Error> {
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = 'job_1'")
+            .fetch_one(store.pool())
+            .await
+    }
+
+    /// A runner that lost its lease (it could not reach the store for a whole lease) and comes
+    /// back neither keeps renewing nor records its outcome over the run of the runner that took
+    /// the job over.
+    #[tokio::test]
+    async fn a_runner_that_lost_its_lease_cannot_overwrite_the_new_claim()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let folder = tempfile::tempdir()?;
+        let store = store_with_a_job(folder.path()).await?;
+        let adapter: url::Url = "http://127.0.0.1:9".parse()?;
+        let targets = [(System::Pipedrive, adapter)];
+        let stalled =
+            JobRunner::new(store.clone(), &targets)?.with_lease(Duration::from_millis(30));
+        let successor =
+            JobRunner::new(store.clone(), &targets)?.with_lease(Duration::from_millis(30));
+
+        let first = stalled.claim(System::Pipedrive, 8).await?;
+        assert_eq!(first.len(), 1);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        successor.release_expired_leases().await?;
+        let second = successor.claim(System::Pipedrive, 8).await?;
+        assert_eq!(
+            second.len(),
+            1,
+            "the expired lease was taken back and claimed again"
+        );
+        assert_ne!(first[0].claim, second[0].claim);
+
+        // The stalled runner notices at its next renewal that the job is no longer its own.
+        tokio::time::timeout(Duration::from_secs(5), stalled.renew_lease(&first[0])).await?;
+        stalled
+            .finish(&first[0], Finished::Dead("the stale run failed".to_owned()))
+            .await?;
+        assert_eq!(
+            state_of(&store).await?,
+            "running",
+            "the stale outcome is ignored"
+        );
+
+        successor
+            .finish(
+                &second[0],
+                Finished::Done {
+                    refs: Vec::new(),
+                    closes: false,
+                    note: String::new(),
+                },
+            )
+            .await?;
+        assert_eq!(state_of(&store).await?, "done");
+        Ok(())
+    }
+
     #[test]
     fn retries_back_off_exponentially_within_bounds() {
         assert!((800..=1200).contains(&backoff_ms(0, "job_a")));
@@ -713,6 +813,7 @@ mod tests {
             entity_id: "lead_1".to_owned(),
             attempts,
             trace_context: None,
+            claim: "claim_1".to_owned(),
         };
         assert!(matches!(
             classify(&job(0), &tonic::Status::invalid_argument("Validation failed: title")),

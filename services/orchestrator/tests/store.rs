@@ -25,15 +25,15 @@ async fn migrates_once(store: &Store) -> TestResult {
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
-            applied: 2,
-            version: 2
+            applied: 3,
+            version: 3
         }
     );
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
             applied: 0,
-            version: 2
+            version: 3
         }
     );
     Ok(())
