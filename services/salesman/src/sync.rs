@@ -61,6 +61,20 @@ pub struct SalesManSync {
     client: Option<Arc<SalesManClient>>,
     fields: Vec<FieldMapping>,
     added: Arc<std::sync::Mutex<RecentlyAdded>>,
+    /// Finding-or-adding takes the turn of its lead's stripe, so one lead is never added twice
+    /// at once while different leads go in parallel.
+    adding: Arc<[Arc<tokio::sync::Mutex<()>>; STRIPES]>,
+}
+
+/// Stripes of [`SalesManSync::adding`].
+const STRIPES: usize = 64;
+
+/// The stripe of a lead.
+fn stripe(lead_id: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    lead_id.hash(&mut hasher);
+    usize::try_from(hasher.finish() % STRIPES as u64).unwrap_or(0)
 }
 
 /// The SalesMan ids of the leads this adapter added lately, by LeadRelay lead id.
@@ -110,13 +124,8 @@ impl SalesManSync {
             client,
             fields,
             added: Arc::default(),
+            adding: Arc::new(std::array::from_fn(|_| Arc::default())),
         }
-    }
-
-    fn recently_added(&self) -> std::sync::MutexGuard<'_, RecentlyAdded> {
-        self.added
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn client(&self) -> Result<&SalesManClient, Status> {
@@ -210,7 +219,7 @@ impl CrmSyncService for SalesManSync {
         &self,
         request: Request<UpsertLeadRequest>,
     ) -> Result<Response<UpsertLeadResponse>, Status> {
-        let client = self.client()?;
+        self.client()?;
         let lead = request
             .into_inner()
             .lead
@@ -231,38 +240,55 @@ impl CrmSyncService for SalesManSync {
                 lead.id
             )));
         }
-        // Added before, with the link lost to a crash? This adapter remembers the leads it added
-        // lately; SalesMan has LeadRelay's marker in the description of each.
-        let remembered = self.recently_added().get(&lead.id);
-        if let Some(id) = remembered {
-            return Ok(Response::new(UpsertLeadResponse {
-                outcome: SyncOutcome::Unchanged.into(),
-                refs: vec![lead_ref(id)],
-            }));
-        }
-        let wanted = normalize(&marker(&lead.id));
-        let newest = client
-            .list_page(
-                0,
-                &ListFilter {
-                    direction: Direction::NewestFirst,
-                    ..ListFilter::default()
-                },
-            )
-            .await?;
-        if let Some(found) = newest
-            .iter()
-            .find(|existing| normalize(&existing.content).contains(&wanted))
-        {
-            return Ok(Response::new(UpsertLeadResponse {
-                outcome: SyncOutcome::Unchanged.into(),
-                refs: vec![lead_ref(found.id)],
-            }));
-        }
-        let (id, _) = client.add(&add).await?;
-        self.recently_added().insert(&lead.id, id);
+        // Finding or adding runs in a task of its own, one lead at a time. When the orchestrator
+        // that called is killed mid-call, its stream is reset and this handler is dropped: a lead
+        // SalesMan has already created must still be remembered, or the retry, which may come
+        // after more than 200 newer leads, would add it again. And two runs of one job (a runner
+        // that lost its lease and its successor) must not both find nothing and both add.
+        let client = self
+            .client
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("SalesMan is not configured"))?;
+        let added = Arc::clone(&self.added);
+        let one_lead_at_a_time = Arc::clone(&self.adding[stripe(&lead.id)]);
+        let lead_id = lead.id.clone();
+        let found_or_added = tokio::spawn(async move {
+            let _turn = one_lead_at_a_time.lock_owned().await;
+            let remember = || {
+                added
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            };
+            // Added before, with the link lost to a crash? This adapter remembers the leads it
+            // added lately; SalesMan has LeadRelay's marker in the description of each.
+            if let Some(id) = remember().get(&lead_id) {
+                return Ok::<_, Status>((SyncOutcome::Unchanged, id));
+            }
+            let wanted = normalize(&marker(&lead_id));
+            let newest = client
+                .list_page(
+                    0,
+                    &ListFilter {
+                        direction: Direction::NewestFirst,
+                        ..ListFilter::default()
+                    },
+                )
+                .await?;
+            if let Some(found) = newest
+                .iter()
+                .find(|existing| normalize(&existing.content).contains(&wanted))
+            {
+                return Ok((SyncOutcome::Unchanged, found.id));
+            }
+            let (id, _) = client.add(&add).await?;
+            remember().insert(&lead_id, id);
+            Ok((SyncOutcome::Created, id))
+        });
+        let (outcome, id) = found_or_added.await.map_err(|error| {
+            Status::internal(format!("adding the lead to SalesMan failed: {error}"))
+        })??;
         Ok(Response::new(UpsertLeadResponse {
-            outcome: SyncOutcome::Created.into(),
+            outcome: outcome.into(),
             refs: vec![lead_ref(id)],
         }))
     }

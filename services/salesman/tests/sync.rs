@@ -77,6 +77,51 @@ async fn a_lead_hidden_by_200_newer_ones_is_still_not_added_twice_by_the_same_ad
     assert_eq!(*adds.lock().expect("adds"), 1, "added once");
 }
 
+/// The caller of an add goes away mid-call (its orchestrator was killed), and two runs of one
+/// job race (a runner that lost its lease and its successor): SalesMan still gets one add, and
+/// the retry gets the lead that add made.
+#[tokio::test]
+async fn a_caller_gone_mid_add_and_two_racing_runs_still_add_the_lead_once() {
+    let server = MockServer::start().await;
+    let adds = Arc::new(Mutex::new(0));
+    salesman::mount(&server, LOGIN, API_KEY, {
+        let adds = adds.clone();
+        move |fields| match fields.get("action").map(String::as_str) {
+            Some("add") => {
+                *adds.lock().expect("adds") += 1;
+                // Slow enough for the caller to give up first; SalesMan adds it anyway.
+                v1(&json!({"result":{"text":"Success","id":942}}))
+                    .set_delay(std::time::Duration::from_millis(400))
+            }
+            // Never shows the new lead: only the adapter's own memory can find it.
+            Some("list") => v1(&json!({"data": [lead_record(1200, 0)]})),
+            _ => v1(&json!({"result":"Error","error":{"code":"402","text":"Неизвестный метод"}})),
+        }
+    })
+    .await;
+    let sync = serve_sync(&server).await;
+    let upsert = |mut sync: CrmSyncServiceClient<Channel>| async move {
+        sync.upsert_lead(UpsertLeadRequest {
+            lead: Some(seed_lead(Vec::new())),
+            changed_fields: Vec::new(),
+            idempotency_key: "job_1".to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    };
+
+    let gone = tokio::time::timeout(std::time::Duration::from_millis(100), upsert(sync.clone()));
+    assert!(
+        gone.await.is_err(),
+        "the caller gave up before SalesMan answered"
+    );
+    let (first, second) = tokio::join!(upsert(sync.clone()), upsert(sync.clone()));
+    for answer in [first, second] {
+        assert_eq!(answer.expect("UpsertLead").refs, vec![salesman_ref("942")]);
+    }
+    assert_eq!(*adds.lock().expect("adds"), 1, "added once");
+}
+
 #[tokio::test]
 async fn a_lead_is_added_once_and_found_again_by_its_marker() {
     let server = MockServer::start().await;
