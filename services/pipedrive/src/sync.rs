@@ -10,9 +10,10 @@
 //! - An activity carries LeadRelay's marker (its idempotency key) in its note, so a retry finds
 //!   the activity it already added instead of adding a second one.
 //!
-//! A deal has no field LeadRelay could mark without an account-specific custom field, so a deal
-//! is found by its link only; closing the window between creating it and storing the link is the
-//! sync engine's part.
+//! A deal carries LeadRelay's deal id in the "LeadRelay deal id" custom field (found or added
+//! once), so a deal created before a lost answer is found among its person's deals instead of
+//! being created again. Upserts run detached and one record at a time (`OneAtATime`), so a
+//! caller killed mid-create, or two racing runs of one job, do not leave a second record.
 
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use leadrelay_proto::v1::{
     UpsertDealResponse, UpsertLeadRequest, UpsertLeadResponse,
     crm_sync_service_server::CrmSyncService,
 };
-use leadrelay_runtime::adapter::{Abilities, Credentials, external_ref, open_link};
+use leadrelay_runtime::adapter::{Abilities, Credentials, OneAtATime, external_ref, open_link};
 use leadrelay_runtime::mappings::{FieldMapping, attribute_value, value_text};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
@@ -43,13 +44,29 @@ const DELETED_REASON: &str = "deleted in Hana";
 pub struct PipedriveSync {
     credentials: Credentials,
     api: Option<Arc<PipedriveApi>>,
+    /// Upserts of leads and deals (find, else create) run detached, one record at a time: a
+    /// caller killed mid-create leaves no half-noted record, and two racing runs of one job do
+    /// not both create.
+    one_at_a_time: OneAtATime,
 }
 
 impl PipedriveSync {
     /// The sync over `api`; without it every call but GetCapabilities answers
     /// FAILED_PRECONDITION naming what `credentials` lacks.
     pub fn new(credentials: Credentials, api: Option<Arc<PipedriveApi>>) -> Self {
-        Self { credentials, api }
+        Self {
+            credentials,
+            api,
+            one_at_a_time: OneAtATime::default(),
+        }
+    }
+
+    /// The API, for work that outlives the call.
+    fn shared_api(&self) -> Result<Arc<PipedriveApi>, Status> {
+        self.api()?;
+        self.api
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("Pipedrive is not configured"))
     }
 
     fn api(&self) -> Result<&PipedriveApi, Status> {
@@ -412,6 +429,129 @@ fn deal_patch(
         .collect()
 }
 
+/// `upsert_lead`, once its turn has come (see `PipedriveSync::one_at_a_time`).
+async fn upsert_lead_now(
+    api: &PipedriveApi,
+    request: UpsertLeadRequest,
+) -> Result<UpsertLeadResponse, Status> {
+    let lead = request
+        .lead
+        .ok_or_else(|| Status::invalid_argument("lead is required"))?;
+    let contact = Contact::of_lead(&lead, api.person_fields());
+    let link = linked(&lead.external_refs, RemoteKind::PipedrivePerson);
+    if contact.is_empty() && link.is_none() {
+        return Err(Status::invalid_argument(format!(
+            "lead {} has no name, email or phone to make a Pipedrive person of",
+            lead.id
+        )));
+    }
+    let (id, outcome) = sync_person(api, link, &contact, Some(&request.changed_fields)).await?;
+    Ok(UpsertLeadResponse {
+        outcome: outcome.into(),
+        refs: vec![pipedrive_ref(RemoteKind::PipedrivePerson, id)],
+    })
+}
+
+/// `upsert_deal`, once its turn has come (see `PipedriveSync::one_at_a_time`).
+async fn upsert_deal_now(
+    api: &PipedriveApi,
+    request: UpsertDealRequest,
+) -> Result<UpsertDealResponse, Status> {
+    let deal = request
+        .deal
+        .ok_or_else(|| Status::invalid_argument("deal is required"))?;
+    // The contact: the known lead, else the contact details on the deal.
+    let (person_link, contact) = match &request.contact {
+        Some(lead) => (
+            linked(&lead.external_refs, RemoteKind::PipedrivePerson),
+            Contact::of_lead(lead, api.person_fields()),
+        ),
+        None => {
+            let given = deal.contact.clone().unwrap_or_default();
+            let contact = Contact {
+                name: given.name.trim().to_owned(),
+                emails: Some(given.email.trim().to_lowercase())
+                    .filter(|email| !email.is_empty())
+                    .into_iter()
+                    .collect(),
+                phones: Some(given.phone.trim().to_owned())
+                    .filter(|phone| !phone.is_empty())
+                    .into_iter()
+                    .collect(),
+                custom_fields: Map::new(),
+            };
+            (None, contact)
+        }
+    };
+    let mut refs = Vec::new();
+    let person_id = if contact.is_empty() && person_link.is_none() {
+        None
+    } else {
+        // The deal's sync does not rewrite the contact: only a missing person is created.
+        let (id, _) = sync_person(api, person_link, &contact, None).await?;
+        refs.push(pipedrive_ref(RemoteKind::PipedrivePerson, id));
+        Some(id)
+    };
+    let mut fields = deal_fields(&deal, person_id)?;
+    let current = match linked(&deal.external_refs, RemoteKind::PipedriveDeal) {
+        Some(id) => match api.client().get::<Value>(&format!("deals/{id}"), &[]).await {
+            Ok(current) => Some((id, current)),
+            Err(PipedriveError::NotFound { .. }) => None,
+            Err(error) => return Err(error.into()),
+        },
+        None => None,
+    };
+    // Not linked (or gone): a deal this one created earlier, whose link was lost to a crash
+    // or a timed-out answer, is found by the marker it was created with.
+    let marker = match deal.id.trim() {
+        "" => None,
+        id => api.deal_marker_key().await?.map(|key| (key, id)),
+    };
+    let current = match (current, marker, person_id) {
+        (None, Some((key, id)), Some(person_id)) => {
+            find_marked_deal(api, key, id, person_id).await?
+        }
+        (current, _, _) => current,
+    };
+
+    let custom = mapped_custom_fields(&deal.raw, api.deal_fields());
+    let outcome = match current {
+        Some((id, current)) => {
+            refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, id));
+            let mut patch = deal_patch(&current, fields, &request.changed_fields);
+            let custom = custom_fields_patch(current.get("custom_fields"), &custom);
+            if !custom.is_empty() {
+                patch.insert("custom_fields".to_owned(), Value::Object(custom));
+            }
+            if patch.is_empty() {
+                SyncOutcome::Unchanged
+            } else {
+                let _: WireDeal = api
+                    .client()
+                    .send(Method::PATCH, &format!("deals/{id}"), &patch)
+                    .await?;
+                SyncOutcome::Updated
+            }
+        }
+        None => {
+            let mut custom = custom;
+            if let Some((key, id)) = marker {
+                custom.insert(key.to_owned(), json!(id));
+            }
+            if !custom.is_empty() {
+                fields.insert("custom_fields".to_owned(), Value::Object(custom));
+            }
+            let created: WireDeal = api.client().send(Method::POST, "deals", &fields).await?;
+            refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, created.id.0));
+            SyncOutcome::Created
+        }
+    };
+    Ok(UpsertDealResponse {
+        outcome: outcome.into(),
+        refs,
+    })
+}
+
 #[tonic::async_trait]
 impl CrmSyncService for PipedriveSync {
     async fn get_capabilities(
@@ -434,24 +574,17 @@ impl CrmSyncService for PipedriveSync {
         &self,
         request: Request<UpsertLeadRequest>,
     ) -> Result<Response<UpsertLeadResponse>, Status> {
-        let api = self.api()?;
+        let api = self.shared_api()?;
         let request = request.into_inner();
-        let lead = request
+        let key = request
             .lead
-            .ok_or_else(|| Status::invalid_argument("lead is required"))?;
-        let contact = Contact::of_lead(&lead, api.person_fields());
-        let link = linked(&lead.external_refs, RemoteKind::PipedrivePerson);
-        if contact.is_empty() && link.is_none() {
-            return Err(Status::invalid_argument(format!(
-                "lead {} has no name, email or phone to make a Pipedrive person of",
-                lead.id
-            )));
-        }
-        let (id, outcome) = sync_person(api, link, &contact, Some(&request.changed_fields)).await?;
-        Ok(Response::new(UpsertLeadResponse {
-            outcome: outcome.into(),
-            refs: vec![pipedrive_ref(RemoteKind::PipedrivePerson, id)],
-        }))
+            .as_ref()
+            .map(|lead| lead.id.clone())
+            .unwrap_or_default();
+        self.one_at_a_time
+            .run(&key, async move { upsert_lead_now(&api, request).await })
+            .await
+            .map(Response::new)
     }
 
     async fn delete_lead(
@@ -477,101 +610,17 @@ impl CrmSyncService for PipedriveSync {
         &self,
         request: Request<UpsertDealRequest>,
     ) -> Result<Response<UpsertDealResponse>, Status> {
-        let api = self.api()?;
+        let api = self.shared_api()?;
         let request = request.into_inner();
-        let deal = request
+        let key = request
             .deal
-            .ok_or_else(|| Status::invalid_argument("deal is required"))?;
-        // The contact: the known lead, else the contact details on the deal.
-        let (person_link, contact) = match &request.contact {
-            Some(lead) => (
-                linked(&lead.external_refs, RemoteKind::PipedrivePerson),
-                Contact::of_lead(lead, api.person_fields()),
-            ),
-            None => {
-                let given = deal.contact.clone().unwrap_or_default();
-                let contact = Contact {
-                    name: given.name.trim().to_owned(),
-                    emails: Some(given.email.trim().to_lowercase())
-                        .filter(|email| !email.is_empty())
-                        .into_iter()
-                        .collect(),
-                    phones: Some(given.phone.trim().to_owned())
-                        .filter(|phone| !phone.is_empty())
-                        .into_iter()
-                        .collect(),
-                    custom_fields: Map::new(),
-                };
-                (None, contact)
-            }
-        };
-        let mut refs = Vec::new();
-        let person_id = if contact.is_empty() && person_link.is_none() {
-            None
-        } else {
-            // The deal's sync does not rewrite the contact: only a missing person is created.
-            let (id, _) = sync_person(api, person_link, &contact, None).await?;
-            refs.push(pipedrive_ref(RemoteKind::PipedrivePerson, id));
-            Some(id)
-        };
-        let mut fields = deal_fields(&deal, person_id)?;
-        let current = match linked(&deal.external_refs, RemoteKind::PipedriveDeal) {
-            Some(id) => match api.client().get::<Value>(&format!("deals/{id}"), &[]).await {
-                Ok(current) => Some((id, current)),
-                Err(PipedriveError::NotFound { .. }) => None,
-                Err(error) => return Err(error.into()),
-            },
-            None => None,
-        };
-        // Not linked (or gone): a deal this one created earlier, whose link was lost to a crash
-        // or a timed-out answer, is found by the marker it was created with.
-        let marker = match deal.id.trim() {
-            "" => None,
-            id => api.deal_marker_key().await?.map(|key| (key, id)),
-        };
-        let current = match (current, marker, person_id) {
-            (None, Some((key, id)), Some(person_id)) => {
-                find_marked_deal(api, key, id, person_id).await?
-            }
-            (current, _, _) => current,
-        };
-
-        let custom = mapped_custom_fields(&deal.raw, api.deal_fields());
-        let outcome = match current {
-            Some((id, current)) => {
-                refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, id));
-                let mut patch = deal_patch(&current, fields, &request.changed_fields);
-                let custom = custom_fields_patch(current.get("custom_fields"), &custom);
-                if !custom.is_empty() {
-                    patch.insert("custom_fields".to_owned(), Value::Object(custom));
-                }
-                if patch.is_empty() {
-                    SyncOutcome::Unchanged
-                } else {
-                    let _: WireDeal = api
-                        .client()
-                        .send(Method::PATCH, &format!("deals/{id}"), &patch)
-                        .await?;
-                    SyncOutcome::Updated
-                }
-            }
-            None => {
-                let mut custom = custom;
-                if let Some((key, id)) = marker {
-                    custom.insert(key.to_owned(), json!(id));
-                }
-                if !custom.is_empty() {
-                    fields.insert("custom_fields".to_owned(), Value::Object(custom));
-                }
-                let created: WireDeal = api.client().send(Method::POST, "deals", &fields).await?;
-                refs.push(pipedrive_ref(RemoteKind::PipedriveDeal, created.id.0));
-                SyncOutcome::Created
-            }
-        };
-        Ok(Response::new(UpsertDealResponse {
-            outcome: outcome.into(),
-            refs,
-        }))
+            .as_ref()
+            .map(|deal| deal.id.clone())
+            .unwrap_or_default();
+        self.one_at_a_time
+            .run(&key, async move { upsert_deal_now(&api, request).await })
+            .await
+            .map(Response::new)
     }
 
     async fn delete_deal(

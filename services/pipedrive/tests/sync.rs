@@ -280,6 +280,60 @@ async fn a_deal_is_linked_to_its_person_patched_with_what_changed_and_lost_when_
     assert_requests_conform(&fake, TOKEN).await;
 }
 
+/// The caller of a person's creation goes away mid-call (its orchestrator was killed), then two
+/// runs of the job race (a runner that lost its lease, and its successor): Pipedrive still holds
+/// one person, and every answer names it.
+#[tokio::test]
+async fn a_caller_gone_mid_create_and_two_racing_runs_still_make_one_person() {
+    use std::time::Duration;
+
+    let fake = MockServer::start().await;
+    // Person creations are applied at once and answered late, so the first caller has given up
+    // before its answer comes, and the two racing runs overlap for as long as their searches and
+    // creations take.
+    let crm = Crm::with_faults(Box::new(|_, request| {
+        if request.method.as_str() == "POST" && request.url.path() == "/api/v2/persons" {
+            Fault::SlowAnswer(Duration::from_millis(400))
+        } else {
+            Fault::None
+        }
+    }));
+    crm.mount(&fake).await;
+    let sync = sync(&fake).await;
+    let upsert = |mut sync: CrmSyncServiceClient<Channel>| async move {
+        sync.upsert_lead(UpsertLeadRequest {
+            lead: Some(seed_lead(Vec::new())),
+            changed_fields: Vec::new(),
+            idempotency_key: "job_1".to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    };
+
+    let gone = tokio::time::timeout(Duration::from_millis(100), upsert(sync.clone())).await;
+    assert!(
+        gone.is_err(),
+        "the caller gave up before Pipedrive answered"
+    );
+    let (first, second) = tokio::join!(upsert(sync.clone()), upsert(sync.clone()));
+    let person = {
+        let records = crm.records();
+        assert_eq!(
+            records.persons.len(),
+            1,
+            "one person: {:?}",
+            records.persons
+        );
+        *records.persons.keys().next().expect("one person")
+    };
+    for answer in [first, second] {
+        assert_eq!(
+            answer.expect("UpsertLead").refs,
+            vec![link(RemoteKind::PipedrivePerson, person)]
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_deal_whose_creation_timed_out_is_found_by_its_marker_not_created_twice() {
     use std::time::Duration;

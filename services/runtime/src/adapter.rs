@@ -118,3 +118,109 @@ mod tests {
         assert!(Credentials::new("Pipedrive", Vec::new()).require().is_ok());
     }
 }
+
+/// Finds-or-creates of one record, one at a time and detached from their callers.
+///
+/// A find-or-create (search, then create when nothing is found) goes wrong in two ways that a
+/// crash makes likely:
+/// - the caller goes away mid-call (its orchestrator was killed, so its stream is reset and the
+///   handler's future is dropped) after the outside system has created the record but before
+///   the adapter noted it; the retry may then no longer find it;
+/// - two runs of one job race (a runner that lost its lease, and its successor): both search,
+///   both find nothing, and both create.
+///
+/// [`OneAtATime::run`] runs the work in a task of its own, which finishes whatever happens to
+/// the caller, after the earlier work on the same key. Keys share 64 stripes, so work on
+/// different records goes on in parallel.
+#[derive(Clone, Debug)]
+pub struct OneAtATime {
+    stripes: std::sync::Arc<[std::sync::Arc<tokio::sync::Mutex<()>>; STRIPES]>,
+}
+
+/// Stripes of [`OneAtATime`].
+const STRIPES: usize = 64;
+
+impl Default for OneAtATime {
+    fn default() -> Self {
+        Self {
+            stripes: std::sync::Arc::new(std::array::from_fn(|_| std::sync::Arc::default())),
+        }
+    }
+}
+
+impl OneAtATime {
+    /// Runs `work` in a task of its own once the earlier work on `key` is done; returns its
+    /// result, or INTERNAL if the task panicked.
+    pub async fn run<T, W>(&self, key: &str, work: W) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        W: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let stripe = usize::try_from(hasher.finish() % STRIPES as u64).unwrap_or(0);
+        let turn = std::sync::Arc::clone(&self.stripes[stripe]);
+        tokio::spawn(async move {
+            let _turn = turn.lock_owned().await;
+            work.await
+        })
+        .await
+        .map_err(|error| {
+            Status::internal(format!("the call to the outside system failed: {error}"))
+        })?
+    }
+}
+
+#[cfg(test)]
+mod one_at_a_time_tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// Work on one key never overlaps, and it finishes even when its caller goes away.
+    #[tokio::test]
+    async fn work_on_one_key_runs_alone_and_outlives_its_caller() -> Result<(), Status> {
+        let turns = OneAtATime::default();
+        let (running, most, finished) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let work = || {
+            let (running, most, finished) = (running.clone(), most.clone(), finished.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Status>(())
+            }
+        };
+        let gone =
+            tokio::time::timeout(Duration::from_millis(5), turns.run("lead_1", work())).await;
+        assert!(gone.is_err(), "the caller gave up");
+        let (first, second) =
+            tokio::join!(turns.run("lead_1", work()), turns.run("lead_1", work()));
+        first?;
+        second?;
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            3,
+            "the abandoned work finished too"
+        );
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "never two at once on one key"
+        );
+        Ok(())
+    }
+}

@@ -21,7 +21,7 @@ use leadrelay_proto::{
     },
 };
 use leadrelay_runtime::{
-    adapter::{Abilities, Credentials, external_ref, open_link},
+    adapter::{Abilities, Credentials, OneAtATime, external_ref, open_link},
     mappings::{FieldMapping, attribute_value, value_text},
 };
 use tonic::{Request, Response, Status};
@@ -61,20 +61,8 @@ pub struct SalesManSync {
     client: Option<Arc<SalesManClient>>,
     fields: Vec<FieldMapping>,
     added: Arc<std::sync::Mutex<RecentlyAdded>>,
-    /// Finding-or-adding takes the turn of its lead's stripe, so one lead is never added twice
-    /// at once while different leads go in parallel.
-    adding: Arc<[Arc<tokio::sync::Mutex<()>>; STRIPES]>,
-}
-
-/// Stripes of [`SalesManSync::adding`].
-const STRIPES: usize = 64;
-
-/// The stripe of a lead.
-fn stripe(lead_id: &str) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    lead_id.hash(&mut hasher);
-    usize::try_from(hasher.finish() % STRIPES as u64).unwrap_or(0)
+    /// Finding-or-adding a lead runs detached, one lead at a time.
+    adding: OneAtATime,
 }
 
 /// The SalesMan ids of the leads this adapter added lately, by LeadRelay lead id.
@@ -124,7 +112,7 @@ impl SalesManSync {
             client,
             fields,
             added: Arc::default(),
-            adding: Arc::new(std::array::from_fn(|_| Arc::default())),
+            adding: OneAtATime::default(),
         }
     }
 
@@ -240,20 +228,16 @@ impl CrmSyncService for SalesManSync {
                 lead.id
             )));
         }
-        // Finding or adding runs in a task of its own, one lead at a time. When the orchestrator
-        // that called is killed mid-call, its stream is reset and this handler is dropped: a lead
-        // SalesMan has already created must still be remembered, or the retry, which may come
-        // after more than 200 newer leads, would add it again. And two runs of one job (a runner
-        // that lost its lease and its successor) must not both find nothing and both add.
+        // Finding or adding runs in a task of its own, one lead at a time (see `OneAtATime`):
+        // a lead SalesMan created for a caller that went away must still be remembered, or the
+        // retry, which may come after more than 200 newer leads, would add it again.
         let client = self
             .client
             .clone()
             .ok_or_else(|| Status::failed_precondition("SalesMan is not configured"))?;
         let added = Arc::clone(&self.added);
-        let one_lead_at_a_time = Arc::clone(&self.adding[stripe(&lead.id)]);
         let lead_id = lead.id.clone();
-        let found_or_added = tokio::spawn(async move {
-            let _turn = one_lead_at_a_time.lock_owned().await;
+        let found_or_added = self.adding.run(&lead.id, async move {
             let remember = || {
                 added
                     .lock()
@@ -284,9 +268,7 @@ impl CrmSyncService for SalesManSync {
             remember().insert(&lead_id, id);
             Ok((SyncOutcome::Created, id))
         });
-        let (outcome, id) = found_or_added.await.map_err(|error| {
-            Status::internal(format!("adding the lead to SalesMan failed: {error}"))
-        })??;
+        let (outcome, id) = found_or_added.await?;
         Ok(Response::new(UpsertLeadResponse {
             outcome: outcome.into(),
             refs: vec![lead_ref(id)],
