@@ -161,12 +161,12 @@ impl OneAtATime {
         key.hash(&mut hasher);
         let stripe = usize::try_from(hasher.finish() % STRIPES as u64).unwrap_or(0);
         let turn = std::sync::Arc::clone(&self.stripes[stripe]);
-        tokio::spawn(async move {
+        // The task stays in the caller's span, so its calls out belong to the caller's trace.
+        let work = tracing::Instrument::in_current_span(async move {
             let _turn = turn.lock_owned().await;
             work.await
-        })
-        .await
-        .map_err(|error| {
+        });
+        tokio::spawn(work).await.map_err(|error| {
             Status::internal(format!("the call to the outside system failed: {error}"))
         })?
     }
