@@ -231,6 +231,18 @@ async fn every_cookbook_command_runs_against_leadrelay_up() -> TestResult {
     }
     let dead = answer("OrchestratorService/ListJobs", "JOB_STATE_DEAD")?;
     assert_eq!(dead["jobs"][0]["target"], "SYSTEM_HANA", "{dead}");
+    // Hana's refusals are the caller's to handle (dead letters with the message), not faults of
+    // the adapter: no ERROR line for them.
+    let logs = up.logs();
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains(" ERROR "))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert!(
+        logs.contains("sync job failed"),
+        "the runner logs each failed job"
+    );
     let replayed = answer("OrchestratorService/ReplayDeadLetters", "SYSTEM_HANA")?;
     assert!(
         replayed["replayed"]

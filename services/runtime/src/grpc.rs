@@ -11,7 +11,7 @@ use tonic::{
     transport::{Server, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
-use tower_http::trace::TraceLayer;
+use tower_http::{classify::GrpcFailureClass, trace::TraceLayer};
 
 use crate::{propagation::ServerSpan, shutdown::drain_bounded};
 
@@ -95,7 +95,11 @@ impl GrpcServer {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let draining = shutdown.clone();
         let serve = Server::builder()
-            .layer(TraceLayer::new_for_grpc().make_span_with(ServerSpan::GRPC))
+            .layer(
+                TraceLayer::new_for_grpc()
+                    .make_span_with(ServerSpan::GRPC)
+                    .on_failure(log_failed_call),
+            )
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 draining.cancelled().await;
@@ -110,6 +114,35 @@ impl GrpcServer {
         }
         tracing::info!(service = self.name, "gRPC server stopped");
         Ok(())
+    }
+}
+
+/// Logs a call answered with an error status at the level of what it says about this service:
+/// ERROR for a fault here (internal, unknown, data loss, unimplemented), WARN for trouble the
+/// caller retries (unavailable, deadline, rate limit, aborted), DEBUG for a refusal the caller
+/// receives with its reason and handles (invalid argument, not found, permission denied, …).
+/// The job runner already logs each failed job with the CRM's message once.
+fn log_failed_call(failure: GrpcFailureClass, latency: std::time::Duration, span: &tracing::Span) {
+    let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+    match failure {
+        GrpcFailureClass::Code(code) => match tonic::Code::from(code.get()) {
+            code @ (tonic::Code::Internal
+            | tonic::Code::Unknown
+            | tonic::Code::DataLoss
+            | tonic::Code::Unimplemented) => {
+                tracing::error!(parent: span, ?code, latency_ms, "call failed");
+            }
+            code @ (tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted) => {
+                tracing::warn!(parent: span, ?code, latency_ms, "call failed; the caller may retry");
+            }
+            code => tracing::debug!(parent: span, ?code, latency_ms, "call refused"),
+        },
+        GrpcFailureClass::Error(error) => {
+            tracing::error!(parent: span, %error, latency_ms, "call failed");
+        }
     }
 }
 
