@@ -113,11 +113,11 @@ fn register_job_gauges(store: &Store, run_targets: Vec<&'static str>) {
         async move {
             let read = async {
                 Ok::<_, StoreError>((
-                    queries::stats(store.pool()).await?,
+                    queries::job_counts(store.pool()).await?,
                     queries::oldest_pending_by_target(store.pool()).await?,
                 ))
             };
-            let (stats, oldest) = match read.await {
+            let (jobs, oldest) = match read.await {
                 Ok(read) => read,
                 Err(error) => {
                     tracing::warn!(%error, "could not read the job counts for the metrics");
@@ -125,7 +125,7 @@ fn register_job_gauges(store: &Store, run_targets: Vec<&'static str>) {
                 }
             };
             let metrics = leadrelay_runtime::metrics::metrics();
-            metrics.set_job_counts(stats.jobs.iter().map(|count| {
+            metrics.set_job_counts(jobs.iter().map(|count| {
                 (
                     routes::system_name(count.target()),
                     queries::job_state_name(count.state()),

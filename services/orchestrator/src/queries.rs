@@ -421,6 +421,27 @@ pub async fn list_quarantined(
     Ok((calls, page.next_token(rows.len(), last_seq)))
 }
 
+/// Jobs by target and state. The metrics read only this (and the oldest pending job per target)
+/// at each scrape, not the whole of [`stats`]: counting every stored event at every scrape would
+/// cost more the longer LeadRelay runs.
+pub async fn job_counts(pool: &AnyPool) -> Result<Vec<JobCount>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT target, state, COUNT(*) AS n FROM jobs GROUP BY target, state ORDER BY target, state",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(JobCount {
+                target: system_from_name(row.try_get::<String, _>("target")?.as_str()).into(),
+                state: job_state(row.try_get::<String, _>("state")?.as_str()).into(),
+                count: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or_default(),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
 /// Counters for `GetStats`.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -447,18 +468,7 @@ pub async fn stats(pool: &AnyPool) -> Result<Stats, StoreError> {
     let quarantined: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quarantine")
         .fetch_one(pool)
         .await?;
-    let jobs = sqlx::query("SELECT target, state, COUNT(*) AS n FROM jobs GROUP BY target, state ORDER BY target, state")
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(JobCount {
-                target: system_from_name(row.try_get::<String, _>("target")?.as_str()).into(),
-                state: job_state(row.try_get::<String, _>("state")?.as_str()).into(),
-                count: count(row.try_get("n")?),
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let jobs = job_counts(pool).await?;
     let oldest_pending_ms: Option<i64> =
         sqlx::query_scalar("SELECT MIN(created_at) FROM jobs WHERE state = 'pending'")
             .fetch_one(pool)
