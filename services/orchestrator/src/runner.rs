@@ -353,11 +353,7 @@ impl JobRunner {
         }
     }
 
-    async fn call(
-        &self,
-        mut client: CrmSyncServiceClient<TracedChannel>,
-        job: &Claimed,
-    ) -> Result<Finished, tonic::Status> {
+    async fn call(&self, mut client: Target, job: &Claimed) -> Result<Finished, tonic::Status> {
         let pool = self.store.pool();
         let key = job.id.clone();
         let gone = || Finished::Dead(format!("entity {} no longer exists", job.entity_id));

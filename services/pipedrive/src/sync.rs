@@ -61,18 +61,11 @@ impl PipedriveSync {
         }
     }
 
-    /// The API, for work that outlives the call.
-    fn shared_api(&self) -> Result<Arc<PipedriveApi>, Status> {
-        self.api()?;
-        self.api
-            .clone()
-            .ok_or_else(|| Status::failed_precondition("Pipedrive is not configured"))
-    }
-
-    fn api(&self) -> Result<&PipedriveApi, Status> {
+    /// The API, shared so that work can outlive the call.
+    fn api(&self) -> Result<&Arc<PipedriveApi>, Status> {
         self.credentials.require()?;
         self.api
-            .as_deref()
+            .as_ref()
             .ok_or_else(|| Status::failed_precondition("Pipedrive is not configured"))
     }
 }
@@ -574,7 +567,7 @@ impl CrmSyncService for PipedriveSync {
         &self,
         request: Request<UpsertLeadRequest>,
     ) -> Result<Response<UpsertLeadResponse>, Status> {
-        let api = self.shared_api()?;
+        let api = Arc::clone(self.api()?);
         let request = request.into_inner();
         let key = request
             .lead
@@ -610,7 +603,7 @@ impl CrmSyncService for PipedriveSync {
         &self,
         request: Request<UpsertDealRequest>,
     ) -> Result<Response<UpsertDealResponse>, Status> {
-        let api = self.shared_api()?;
+        let api = Arc::clone(self.api()?);
         let request = request.into_inner();
         let key = request
             .deal

@@ -74,19 +74,17 @@ pub async fn send(
     });
     let started = std::time::Instant::now();
     let answer = client.execute(request).instrument(span.clone()).await;
-    let status = match &answer {
-        Ok(response) => {
-            span.record("http.response.status_code", response.status().as_u16());
-            response.status().as_u16().to_string()
-        }
-        Err(error) if error.is_timeout() => "timeout".to_owned(),
-        Err(_) => "network".to_owned(),
-    };
     // A client call that got no answer, or an answer of 4xx or 5xx, failed.
-    if !answer
-        .as_ref()
-        .is_ok_and(|response| response.status().as_u16() < 400)
-    {
+    let (status, failed) = match &answer {
+        Ok(response) => {
+            let code = response.status().as_u16();
+            span.record("http.response.status_code", code);
+            (code.to_string(), code >= 400)
+        }
+        Err(error) if error.is_timeout() => ("timeout".to_owned(), true),
+        Err(_) => ("network".to_owned(), true),
+    };
+    if failed {
         span.record("otel.status_code", "ERROR");
     }
     crate::metrics::metrics().crm_call(system, &status, started.elapsed());

@@ -172,11 +172,10 @@ impl OtlpExport {
             .thread_name("otlp-export")
             .enable_all()
             .build()?;
-        let build_error =
-            |error: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter {
-                endpoint: redacted(endpoint),
-                reason: error.to_string(),
-            };
+        let build_error = |reason: &dyn std::fmt::Display| TelemetryError::Exporter {
+            endpoint: redacted(endpoint),
+            reason: reason.to_string(),
+        };
         // The gRPC channel starts its connection task on the runtime it is built in.
         let _entered = runtime.enter();
         let exporter = match protocol {
@@ -185,24 +184,21 @@ impl OtlpExport {
                 .with_endpoint(endpoint.as_str().trim_end_matches('/'))
                 .with_timeout(EXPORT_TIMEOUT)
                 .build()
-                .map_err(build_error)?,
+                .map_err(|error| build_error(&error))?,
             OtlpProtocol::HttpProtobuf => {
                 // As the specification has it: the base endpoint gets the signal's path.
                 let traces = format!("{}/v1/traces", endpoint.as_str().trim_end_matches('/'));
                 let client = reqwest::Client::builder()
                     .timeout(EXPORT_TIMEOUT)
                     .build()
-                    .map_err(|error| TelemetryError::Exporter {
-                        endpoint: redacted(endpoint),
-                        reason: error.to_string(),
-                    })?;
+                    .map_err(|error| build_error(&error))?;
                 opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_http_client(client)
                     .with_endpoint(traces)
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()
-                    .map_err(build_error)?
+                    .map_err(|error| build_error(&error))?
             }
         };
         drop(_entered);

@@ -116,10 +116,11 @@ impl SalesManSync {
         }
     }
 
-    fn client(&self) -> Result<&SalesManClient, Status> {
+    /// The client, shared so that work can outlive the call.
+    fn client(&self) -> Result<&Arc<SalesManClient>, Status> {
         self.credentials.require()?;
         self.client
-            .as_deref()
+            .as_ref()
             .ok_or_else(|| Status::failed_precondition("SalesMan is not configured"))
     }
 }
@@ -207,7 +208,7 @@ impl CrmSyncService for SalesManSync {
         &self,
         request: Request<UpsertLeadRequest>,
     ) -> Result<Response<UpsertLeadResponse>, Status> {
-        self.client()?;
+        let client = Arc::clone(self.client()?);
         let lead = request
             .into_inner()
             .lead
@@ -231,10 +232,6 @@ impl CrmSyncService for SalesManSync {
         // Finding or adding runs in a task of its own, one lead at a time (see `OneAtATime`):
         // a lead SalesMan created for a caller that went away must still be remembered, or the
         // retry, which may come after more than 200 newer leads, would add it again.
-        let client = self
-            .client
-            .clone()
-            .ok_or_else(|| Status::failed_precondition("SalesMan is not configured"))?;
         let added = Arc::clone(&self.added);
         let lead_id = lead.id.clone();
         let found_or_added = self.adding.run(&lead.id, async move {
