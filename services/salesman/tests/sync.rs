@@ -44,23 +44,34 @@ fn salesman_ref(id: &str) -> ExternalRef {
     }
 }
 
-#[tokio::test]
-async fn a_lead_hidden_by_200_newer_ones_is_still_not_added_twice_by_the_same_adapter() {
-    let server = MockServer::start().await;
-    // SalesMan's v1 list shows only the newest 200 leads: here, never the one just added.
+/// A SalesMan whose `add` answers lead `id` after `delay`, and whose v1 `list` (the newest 200
+/// leads) never shows the lead just added, so only the adapter's own memory can find it again.
+/// Returns the number of adds it received.
+async fn mount_hiding_new_leads(
+    server: &MockServer,
+    id: i64,
+    delay: std::time::Duration,
+) -> Arc<Mutex<usize>> {
     let adds = Arc::new(Mutex::new(0));
-    salesman::mount(&server, LOGIN, API_KEY, {
+    salesman::mount(server, LOGIN, API_KEY, {
         let adds = adds.clone();
         move |fields| match fields.get("action").map(String::as_str) {
             Some("add") => {
                 *adds.lock().expect("adds") += 1;
-                v1(&json!({"result":{"text":"Success","id":941}}))
+                v1(&json!({"result":{"text":"Success","id":id}})).set_delay(delay)
             }
             Some("list") => v1(&json!({"data": [lead_record(1200, 0)]})),
             _ => v1(&json!({"result":"Error","error":{"code":"402","text":"Неизвестный метод"}})),
         }
     })
     .await;
+    adds
+}
+
+#[tokio::test]
+async fn a_lead_hidden_by_200_newer_ones_is_still_not_added_twice_by_the_same_adapter() {
+    let server = MockServer::start().await;
+    let adds = mount_hiding_new_leads(&server, 941, std::time::Duration::ZERO).await;
     let mut sync = serve_sync(&server).await;
     for key in ["job_1", "job_1"] {
         let answer = sync
@@ -83,22 +94,8 @@ async fn a_lead_hidden_by_200_newer_ones_is_still_not_added_twice_by_the_same_ad
 #[tokio::test]
 async fn a_caller_gone_mid_add_and_two_racing_runs_still_add_the_lead_once() {
     let server = MockServer::start().await;
-    let adds = Arc::new(Mutex::new(0));
-    salesman::mount(&server, LOGIN, API_KEY, {
-        let adds = adds.clone();
-        move |fields| match fields.get("action").map(String::as_str) {
-            Some("add") => {
-                *adds.lock().expect("adds") += 1;
-                // Slow enough for the caller to give up first; SalesMan adds it anyway.
-                v1(&json!({"result":{"text":"Success","id":942}}))
-                    .set_delay(std::time::Duration::from_millis(400))
-            }
-            // Never shows the new lead: only the adapter's own memory can find it.
-            Some("list") => v1(&json!({"data": [lead_record(1200, 0)]})),
-            _ => v1(&json!({"result":"Error","error":{"code":"402","text":"Неизвестный метод"}})),
-        }
-    })
-    .await;
+    // Slow enough for the caller to give up first; SalesMan adds it anyway.
+    let adds = mount_hiding_new_leads(&server, 942, std::time::Duration::from_millis(400)).await;
     let sync = serve_sync(&server).await;
     let upsert = |mut sync: CrmSyncServiceClient<Channel>| async move {
         sync.upsert_lead(UpsertLeadRequest {
