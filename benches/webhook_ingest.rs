@@ -28,6 +28,10 @@ use leadrelay_testkit::TestDatabase;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the `leadrelay` binary runs with, for the bare endpoint as for LeadRelay.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const TOKEN: &str = "bench-token";
