@@ -3,6 +3,7 @@
 
 mod auth;
 mod error;
+mod hana_batches;
 pub mod hana_body;
 mod pipedrive_body;
 mod webhooks;
@@ -92,6 +93,8 @@ impl GatewayConfig {
 /// Shared state of the handlers.
 pub(crate) struct AppState {
     config: GatewayConfig,
+    /// Hana calls go in batches; see [`hana_batches`].
+    hana_batches: hana_batches::HanaBatches,
     orchestrator: OrchestratorServiceClient<TracedChannel>,
     orchestrator_health: HealthClient<TracedChannel>,
 }
@@ -99,8 +102,10 @@ pub(crate) struct AppState {
 /// The gateway's HTTP routes over a lazily connected orchestrator channel.
 pub fn router(config: GatewayConfig) -> Result<Router, GatewayStartError> {
     let channel = connect_lazy(&config.orchestrator_url)?;
+    let orchestrator = OrchestratorServiceClient::new(channel.clone());
     let state = Arc::new(AppState {
-        orchestrator: OrchestratorServiceClient::new(channel.clone()),
+        hana_batches: hana_batches::HanaBatches::start(orchestrator.clone()),
+        orchestrator,
         orchestrator_health: HealthClient::new(channel),
         config,
     });

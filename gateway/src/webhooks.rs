@@ -12,6 +12,7 @@ use axum::{
 use leadrelay_proto::v1::{
     HanaEventKind, IngestHanaEventRequest, UnparsedBody, ingest_hana_event_request::Body,
 };
+use leadrelay_runtime::propagation::current_traceparent;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -143,20 +144,19 @@ async fn hana_call(
         }),
     };
 
-    let mut request = tonic::Request::new(IngestHanaEventRequest {
+    let call = IngestHanaEventRequest {
         kind: kind.into(),
         raw_body: raw_body.to_vec(),
         body: Some(parsed),
         received_at: Some(SystemTime::now().into()),
-    });
-    request.set_timeout(INGEST_DEADLINE);
+        // The call travels in a batch: its storing joins this webhook's trace through this.
+        traceparent: current_traceparent().unwrap_or_default(),
+    };
     let answer = state
-        .orchestrator
-        .clone()
-        .ingest_hana_event(request)
+        .hana_batches
+        .ingest(call)
         .await
-        .map_err(|status| GatewayError::from_ingest_status(&status))?
-        .into_inner();
+        .map_err(|status| GatewayError::from_ingest_status(&status))?;
     Ok(Accepted::new(answer.event_id, answer.duplicate))
 }
 

@@ -365,6 +365,95 @@ async fn a_redelivery_is_a_duplicate_and_adds_nothing(backend: Backend) -> TestR
     harness.finish().await
 }
 
+/// Webhooks that arrive together travel to the orchestrator in batches; each must still get its
+/// own answer: its own event, or the first one's when it repeats a body.
+async fn concurrent_webhooks_each_get_their_own_answer(backend: Backend) -> TestResult {
+    const LEADS: usize = 60;
+    const REPEATED: usize = 20;
+    let harness = Harness::start(backend, &[]).await?;
+    let body = |n: usize| {
+        json!({
+            "application": {"id": APP_ID},
+            "lead": {
+                "id": {"nomalizeData": format!("burst-{n}"), "rawData": format!("burst-{n}")},
+                "baseName": {"nomalizeData": format!("Burst {n}"), "rawData": format!("Burst {n}")}
+            }
+        })
+        .to_string()
+    };
+    let url = harness.up.hana_webhook("lead.created");
+    let mut posts = tokio::task::JoinSet::new();
+    for n in (0..LEADS).chain(0..REPEATED) {
+        let (http, url, body) = (harness.http.clone(), url.clone(), body(n));
+        posts.spawn(async move {
+            let answer = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            let status = answer.status().as_u16();
+            Ok::<_, Error>((n, status, answer.json::<Value>().await?))
+        });
+    }
+    let mut answers: Vec<Vec<Value>> = vec![Vec::new(); LEADS];
+    while let Some(posted) = posts.join_next().await {
+        let (n, status, answer) = posted??;
+        assert_eq!(status, 200, "lead {n}: {answer}");
+        answers[n].push(answer);
+    }
+
+    let mut orchestrator = harness.orchestrator.clone();
+    let mut event_ids = std::collections::HashSet::new();
+    for (n, answers) in answers.iter().enumerate() {
+        let fresh = answers
+            .iter()
+            .filter(|answer| answer["duplicate"] == false)
+            .count();
+        assert_eq!(
+            fresh, 1,
+            "lead {n}: exactly one answer is not a duplicate: {answers:?}"
+        );
+        let event_id = answers[0]["event_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            answers
+                .iter()
+                .all(|answer| answer["event_id"] == event_id.as_str()),
+            "lead {n}: a repeat names the first event: {answers:?}"
+        );
+        // The event an answer names is the one of this lead's body, not a neighbour's.
+        let event = orchestrator
+            .get_event(GetEventRequest {
+                id: event_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .event
+            .ok_or("no event")?;
+        assert_eq!(
+            String::from_utf8(event.raw_body)?,
+            body(n),
+            "lead {n}: the answer names another call's event"
+        );
+        assert!(
+            event_ids.insert(event_id),
+            "lead {n}: an event id answered twice"
+        );
+    }
+    let stats = orchestrator
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        (stats.events_total, stats.duplicates_total),
+        (LEADS as u64, REPEATED as u64)
+    );
+    harness.finish().await
+}
+
 async fn unusable_calls_are_refused_or_quarantined(backend: Backend) -> TestResult {
     let mut harness =
         Harness::start(backend, &[("LEADRELAY_HANA_APPLICATION_IDS", APP_ID)]).await?;
@@ -586,6 +675,7 @@ on_both_backends!(
     seed_sample_is_stored_and_readable_by_its_hana_id,
     six_events_create_merge_and_delete,
     a_redelivery_is_a_duplicate_and_adds_nothing,
+    concurrent_webhooks_each_get_their_own_answer,
     unusable_calls_are_refused_or_quarantined,
     the_event_name_in_the_body_names_the_event,
 );

@@ -193,6 +193,26 @@ async fn every_cookbook_command_runs_against_leadrelay_up() -> TestResult {
         }
         answers.insert(command.clone(), parsed);
     }
+    // A batch answers each of its calls: the repeated body as a duplicate, the new one stored.
+    let batch = answers
+        .iter()
+        .find(|(command, _)| command.contains("OrchestratorService/IngestHanaEvents"))
+        .and_then(|(_, parsed)| parsed.first())
+        .ok_or("no answer to IngestHanaEvents")?;
+    let results = batch["results"].as_array().ok_or("no results")?;
+    assert_eq!(results.len(), 2, "{batch}");
+    assert_eq!(results[0]["stored"]["duplicate"], true, "{batch}");
+    assert_eq!(
+        results[0]["stored"]["eventId"].as_str(),
+        ids.get("EVENT_ID").map(String::as_str),
+        "the duplicate names the first event: {batch}"
+    );
+    assert!(
+        results[1]["stored"]["eventId"].as_str().is_some_and(
+            |id| id.starts_with("evt_") && Some(id) != ids.get("EVENT_ID").map(String::as_str)
+        ),
+        "{batch}"
+    );
     for placeholder in ["EVENT_ID", "LEAD_ID", "DEAL_ID", "JOB_ID"] {
         assert!(
             ids.contains_key(placeholder),

@@ -240,7 +240,6 @@ async fn one_webhook_is_one_trace(
     };
 
     let gateway = the_span(&trace, "POST /webhooks/hana/lead.created")?;
-    let orchestrator = the_span(&trace, "leadrelay.v1.OrchestratorService/IngestHanaEvent")?;
     let ingest = the_span(&trace, "ingest hana event")?;
     let job = the_span(&trace, "sync pipedrive upsert_lead")?;
     let adapter = the_span(&trace, "leadrelay.v1.CrmSyncService/UpsertLead")?;
@@ -250,9 +249,8 @@ async fn one_webhook_is_one_trace(
         "the webhook starts the trace"
     );
     assert_eq!(gateway.kind, SpanKind::Server as i32);
-    assert_child(orchestrator, gateway);
-    assert_eq!(orchestrator.kind, SpanKind::Server as i32);
-    assert_child(ingest, orchestrator);
+    // The gateway hands the call over in a batch, which carries the call's own trace context.
+    assert_child(ingest, gateway);
     assert_child(job, ingest);
     assert_child(adapter, job);
     assert_eq!(adapter.kind, SpanKind::Server as i32);
@@ -276,6 +274,24 @@ async fn one_webhook_is_one_trace(
         remote_ids.starts_with("REMOTE_KIND_PIPEDRIVE_PERSON="),
         "{remote_ids}"
     );
+
+    // The batch is a trace of its own (the gateway's client span, the orchestrator's server span
+    // under it), linked to the webhook's trace.
+    let spans = received.spans();
+    let batch = the_span(&spans, "ingest hana batch")?;
+    assert_ne!(batch.trace_id, gateway.trace_id);
+    assert_eq!(batch.kind, SpanKind::Client as i32);
+    assert!(
+        batch
+            .links
+            .iter()
+            .any(|link| link.trace_id == gateway.trace_id && link.span_id == gateway.span_id),
+        "the batch links to the webhook's span: {:?}",
+        batch.links
+    );
+    let batch_call = the_span(&spans, "leadrelay.v1.OrchestratorService/IngestHanaEvents")?;
+    assert_child(batch_call, batch);
+    assert_eq!(batch_call.kind, SpanKind::Server as i32);
 
     // The adapter's calls to Pipedrive are client spans under its request span, and each one
     // handed the trace on to Pipedrive.

@@ -184,17 +184,40 @@ impl Ingester {
 
     /// Stores a call; returns once it is committed.
     pub async fn ingest(&self, call: HanaCall) -> Result<IngestOutcome, IngestError> {
-        let (reply, answer) = oneshot::channel();
-        let checked = CheckedCall::new(call, &self.policy);
-        self.queue
-            .send(Pending { checked, reply })
+        self.ingest_all(vec![call])
             .await
-            .map_err(|_| IngestError::Stopped)?;
-        let outcome = answer.await.map_err(|_| IngestError::Stopped)??;
-        if !outcome.duplicate && !outcome.quarantined {
+            .pop()
+            .unwrap_or(Err(IngestError::Stopped))
+    }
+
+    /// Stores each call on its own (one failing does not fail the others); returns the outcomes
+    /// in the calls' order once every call is committed or failed.
+    pub async fn ingest_all(
+        &self,
+        calls: Vec<HanaCall>,
+    ) -> Vec<Result<IngestOutcome, IngestError>> {
+        let mut answers = Vec::with_capacity(calls.len());
+        for call in calls {
+            let (reply, answer) = oneshot::channel();
+            let checked = CheckedCall::new(call, &self.policy);
+            let queued = self.queue.send(Pending { checked, reply }).await;
+            answers.push(queued.map(|()| answer));
+        }
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for answer in answers {
+            let outcome = match answer {
+                Ok(answer) => answer.await.unwrap_or(Err(IngestError::Stopped)),
+                Err(_) => Err(IngestError::Stopped),
+            };
+            outcomes.push(outcome);
+        }
+        let queued_jobs = outcomes.iter().any(
+            |outcome| matches!(outcome, Ok(stored) if !stored.duplicate && !stored.quarantined),
+        );
+        if queued_jobs {
             self.store.notify_jobs_queued();
         }
-        Ok(outcome)
+        outcomes
     }
 }
 

@@ -2,20 +2,23 @@
 
 use leadrelay_proto::v1::{
     GetDealRequest, GetDealResponse, GetEventRequest, GetEventResponse, GetLeadRequest,
-    GetLeadResponse, GetStatsRequest, GetStatsResponse, HanaEventKind, IngestHanaEventRequest,
-    IngestHanaEventResponse, IngestPipedriveEventRequest, IngestPipedriveEventResponse,
-    ListEventsRequest, ListEventsResponse, ListJobsRequest, ListJobsResponse,
-    ListQuarantinedRequest, ListQuarantinedResponse, ReplayDeadLettersRequest,
+    GetLeadResponse, GetStatsRequest, GetStatsResponse, HanaEventKind, IngestFailure,
+    IngestHanaEventRequest, IngestHanaEventResponse, IngestHanaEventResult,
+    IngestHanaEventsRequest, IngestHanaEventsResponse, IngestPipedriveEventRequest,
+    IngestPipedriveEventResponse, ListEventsRequest, ListEventsResponse, ListJobsRequest,
+    ListJobsResponse, ListQuarantinedRequest, ListQuarantinedResponse, ReplayDeadLettersRequest,
     ReplayDeadLettersResponse, RetryJobRequest, RetryJobResponse, System, TriggerPollRequest,
     TriggerPollResponse, get_deal_request, get_lead_request, ingest_hana_event_request,
-    orchestrator_service_server::OrchestratorService,
+    ingest_hana_event_result, orchestrator_service_server::OrchestratorService,
 };
-use leadrelay_runtime::propagation::current_traceparent;
+use leadrelay_runtime::propagation::{continue_trace, current_traceparent};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::{
-    ingest::{HanaCall, IngestError, IngestPolicy, Ingester, millis, now_ms, timestamp},
+    ingest::{
+        HanaCall, IngestError, IngestOutcome, IngestPolicy, Ingester, millis, now_ms, timestamp,
+    },
     queries::{self, EntityKey, Page},
     store::{Store, StoreError},
 };
@@ -126,6 +129,57 @@ fn remote_key(remote: leadrelay_proto::v1::RemoteKey) -> Result<EntityKey, Statu
 }
 
 /// Records what became of an ingested event on its span.
+/// A Hana call as ingest takes it, and the span its storing is recorded in: a child of the
+/// call's own `traceparent` when it carries one (a call from a batch), else of the RPC's span.
+fn hana_call(request: IngestHanaEventRequest) -> (HanaCall, tracing::Span) {
+    let body = match request.body {
+        Some(ingest_hana_event_request::Body::Webhook(webhook)) => Ok(webhook),
+        Some(ingest_hana_event_request::Body::Unparsed(unparsed)) => Err(unparsed.reason),
+        None => Err("the call carried no body".to_owned()),
+    };
+    let received_at_ms = request.received_at.as_ref().map_or_else(now_ms, millis);
+    let kind = HanaEventKind::try_from(request.kind).unwrap_or(HanaEventKind::Unspecified);
+    let span = tracing::info_span!(
+        "ingest",
+        otel.name = "ingest hana event",
+        event_kind = kind.as_str_name(),
+        application_id = body
+            .as_ref()
+            .map_or("", |webhook| webhook.application_id.as_str()),
+        event_id = tracing::field::Empty,
+        duplicate = tracing::field::Empty,
+        quarantined = tracing::field::Empty,
+    );
+    if !request.traceparent.is_empty() {
+        continue_trace(&span, Some(&request.traceparent));
+    }
+    let call = HanaCall {
+        kind,
+        body,
+        raw_body: request.raw_body,
+        received_at_ms,
+        // Saved with the event and its jobs: each job's run continues this trace.
+        trace_context: span.in_scope(current_traceparent),
+    };
+    (call, span)
+}
+
+/// The answer for a stored Hana call, recorded in its span.
+fn stored(span: &tracing::Span, outcome: IngestOutcome) -> IngestHanaEventResponse {
+    record_outcome(
+        span,
+        &outcome.event_id,
+        outcome.duplicate,
+        outcome.quarantined,
+    );
+    tracing::debug!(parent: span, "hana event stored");
+    IngestHanaEventResponse {
+        event_id: outcome.event_id,
+        duplicate: outcome.duplicate,
+        quarantined: outcome.quarantined,
+    }
+}
+
 fn record_outcome(span: &tracing::Span, event_id: &str, duplicate: bool, quarantined: bool) {
     span.record("event_id", event_id);
     span.record("duplicate", duplicate);
@@ -142,50 +196,39 @@ impl OrchestratorService for Orchestrator {
         &self,
         request: Request<IngestHanaEventRequest>,
     ) -> Result<Response<IngestHanaEventResponse>, Status> {
-        let request = request.into_inner();
-        let body = match request.body {
-            Some(ingest_hana_event_request::Body::Webhook(webhook)) => Ok(webhook),
-            Some(ingest_hana_event_request::Body::Unparsed(unparsed)) => Err(unparsed.reason),
-            None => Err("the call carried no body".to_owned()),
-        };
-        let received_at_ms = request.received_at.as_ref().map_or_else(now_ms, millis);
-        let kind = HanaEventKind::try_from(request.kind).unwrap_or(HanaEventKind::Unspecified);
-        let span = tracing::info_span!(
-            "ingest",
-            otel.name = "ingest hana event",
-            event_kind = kind.as_str_name(),
-            application_id = body
-                .as_ref()
-                .map_or("", |webhook| webhook.application_id.as_str()),
-            event_id = tracing::field::Empty,
-            duplicate = tracing::field::Empty,
-            quarantined = tracing::field::Empty,
-        );
-        let outcome = async {
-            // Saved with the event and its jobs: each job's run continues this trace.
-            let call = HanaCall {
-                kind,
-                body,
-                raw_body: request.raw_body,
-                received_at_ms,
-                trace_context: current_traceparent(),
-            };
-            self.ingester.ingest(call).await
-        }
-        .instrument(span.clone())
-        .await?;
-        record_outcome(
-            &span,
-            &outcome.event_id,
-            outcome.duplicate,
-            outcome.quarantined,
-        );
-        tracing::debug!(parent: &span, "hana event stored");
-        Ok(Response::new(IngestHanaEventResponse {
-            event_id: outcome.event_id,
-            duplicate: outcome.duplicate,
-            quarantined: outcome.quarantined,
-        }))
+        let (call, span) = hana_call(request.into_inner());
+        let outcome = self.ingester.ingest(call).await?;
+        Ok(Response::new(stored(&span, outcome)))
+    }
+
+    async fn ingest_hana_events(
+        &self,
+        request: Request<IngestHanaEventsRequest>,
+    ) -> Result<Response<IngestHanaEventsResponse>, Status> {
+        let (calls, spans): (Vec<HanaCall>, Vec<tracing::Span>) = request
+            .into_inner()
+            .calls
+            .into_iter()
+            .map(hana_call)
+            .unzip();
+        let outcomes = self.ingester.ingest_all(calls).await;
+        let results = outcomes
+            .into_iter()
+            .zip(&spans)
+            .map(|(outcome, span)| IngestHanaEventResult {
+                result: Some(match outcome {
+                    Ok(outcome) => ingest_hana_event_result::Result::Stored(stored(span, outcome)),
+                    Err(error) => {
+                        let status = Status::from(error);
+                        ingest_hana_event_result::Result::Failure(IngestFailure {
+                            code: status.code().into(),
+                            message: status.message().to_owned(),
+                        })
+                    }
+                }),
+            })
+            .collect();
+        Ok(Response::new(IngestHanaEventsResponse { results }))
     }
 
     async fn ingest_pipedrive_event(

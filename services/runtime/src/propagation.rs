@@ -74,11 +74,30 @@ pub fn continue_trace(span: &Span, traceparent: Option<&str>) {
     let Some(traceparent) = traceparent else {
         return;
     };
-    let fields =
-        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    let parent = global::get_text_map_propagator(|propagator| propagator.extract(&fields));
+    let parent = context_of(traceparent);
     // A span without an OpenTelemetry layer cannot take a parent; that is fine in tests.
     let _ = span.set_parent(parent);
+}
+
+/// The trace context a W3C `traceparent` names.
+fn context_of(traceparent: &str) -> opentelemetry::Context {
+    let fields =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    global::get_text_map_propagator(|propagator| propagator.extract(&fields))
+}
+
+/// Links `span` to the trace whose W3C `traceparent` is given: for work done for several traces
+/// at once (a batch), which can be the child of only one. A missing or malformed value adds
+/// nothing.
+pub fn link_trace(span: &Span, traceparent: &str) {
+    use opentelemetry::trace::TraceContextExt as _;
+    if traceparent.is_empty() {
+        return;
+    }
+    let linked = context_of(traceparent).span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
 }
 
 /// A channel to a peer service that carries trace context on every call.
