@@ -3,7 +3,8 @@
 //! on the same machine with the same load generator.
 //!
 //! Run with: `cargo bench --bench webhook_ingest`
-//! Knobs: `LEADRELAY_BENCH_SECONDS` (per target, default 10), `LEADRELAY_BENCH_CONNECTIONS`
+//! Knobs: `LEADRELAY_BENCH_SECONDS` (per target, default 10), `LEADRELAY_BENCH_ROUNDS` (the turns
+//! the targets take, default 5), `LEADRELAY_BENCH_CONNECTIONS`
 //! (default 64). Postgres uses the test server (`LEADRELAY_TEST_POSTGRES_URL`); it is skipped,
 //! with the reason printed, when unreachable.
 //!
@@ -187,23 +188,58 @@ async fn start_leadrelay(
     Ok(addr)
 }
 
-async fn measure(
-    label: &str,
-    url: &str,
-    connections: usize,
-    duration: Duration,
-) -> Result<Measurement, Error> {
-    let sequence = Arc::new(AtomicU64::new(0));
-    // Warm-up: connections, pools, the SQLite page cache.
-    load(url, connections, Duration::from_secs(1), sequence.clone()).await?;
-    let measurement = load(url, connections, duration, sequence).await?;
-    eprintln!("measured {label}");
-    Ok(measurement)
+/// A target under load: where to post, and the bodies' sequence, which runs on across rounds.
+struct Target {
+    label: &'static str,
+    url: String,
+    sequence: Arc<AtomicU64>,
+    measured: Measurement,
+    /// This target's throughput in each round, for the per-round ratios.
+    per_round: Vec<f64>,
 }
 
-fn row(label: &str, measurement: &Measurement, baseline: f64) {
+impl Target {
+    fn new(label: &'static str, url: String) -> Self {
+        Self {
+            label,
+            url,
+            sequence: Arc::new(AtomicU64::new(0)),
+            measured: Measurement {
+                requests: 0,
+                errors: 0,
+                elapsed: Duration::ZERO,
+                latencies_us: Vec::new(),
+            },
+            per_round: Vec::new(),
+        }
+    }
+
+    /// Warm-up: connections, pools, the SQLite page cache.
+    async fn warm_up(&self, connections: usize) -> Result<(), Error> {
+        load(
+            &self.url,
+            connections,
+            Duration::from_secs(1),
+            self.sequence.clone(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn measure_round(&mut self, connections: usize, duration: Duration) -> Result<(), Error> {
+        let round = load(&self.url, connections, duration, self.sequence.clone()).await?;
+        self.per_round.push(round.throughput());
+        self.measured.requests += round.requests;
+        self.measured.errors += round.errors;
+        self.measured.elapsed += round.elapsed;
+        self.measured.latencies_us.extend(round.latencies_us);
+        Ok(())
+    }
+}
+
+fn row(label: &str, measurement: &Measurement, baseline: f64, spread: &str) {
     println!(
-        "{label:<34} {:>9.0} {:>8.2} {:>8.2} {:>7} {:>9.1}%",
+        "{label:<34} {:>9.0} {:>8.2} {:>8.2} {:>7} {:>9.1}% {spread:>17}",
         measurement.throughput(),
         measurement.percentile_ms(0.50),
         measurement.percentile_ms(0.99),
@@ -215,65 +251,85 @@ fn row(label: &str, measurement: &Measurement, baseline: f64) {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let seconds = env_number("LEADRELAY_BENCH_SECONDS", 10);
+    let rounds = env_number("LEADRELAY_BENCH_ROUNDS", 5).clamp(1, seconds.max(1));
     let connections = usize::try_from(env_number("LEADRELAY_BENCH_CONNECTIONS", 64))?;
-    let duration = Duration::from_secs(seconds);
+    let slice = Duration::from_secs_f64(seconds as f64 / rounds as f64);
     let shutdown = CancellationToken::new();
     let folder = tempfile::tempdir()?;
 
     let bare = start_bare(shutdown.clone()).await?;
-    let bare_url = format!("http://{bare}/webhooks/hana/lead.created");
-    // The bare endpoint is measured first and last: the spread between the two shows how much
-    // the machine itself drifted during the run, and the ratios use their mean.
-    let baseline = measure("bare axum endpoint", &bare_url, connections, duration).await?;
-
+    let mut targets = vec![Target::new(
+        "bare axum endpoint",
+        format!("http://{bare}/webhooks/hana/lead.created"),
+    )];
     let sqlite_url = format!("sqlite://{}/bench.db", folder.path().display());
     let sqlite = start_leadrelay(&sqlite_url, shutdown.clone()).await?;
-    let sqlite_measured = measure(
-        "SQLite",
-        &format!("http://{sqlite}/webhooks/hana/lead.created?token={TOKEN}"),
-        connections,
-        duration,
-    )
-    .await?;
-
+    targets.push(Target::new(
+        "gateway+orchestrator, SQLite",
+        format!("http://{sqlite}/webhooks/hana/lead.created?token={TOKEN}"),
+    ));
     let postgres = match TestDatabase::create("bench").await {
         Ok(database) => {
             let gateway = start_leadrelay(database.url(), shutdown.clone()).await?;
-            let measured = measure(
-                "Postgres",
-                &format!("http://{gateway}/webhooks/hana/lead.created?token={TOKEN}"),
-                connections,
-                duration,
-            )
-            .await?;
-            Ok((database, measured))
+            targets.push(Target::new(
+                "gateway+orchestrator, Postgres",
+                format!("http://{gateway}/webhooks/hana/lead.created?token={TOKEN}"),
+            ));
+            Ok(database)
         }
         Err(error) => Err(error.to_string()),
     };
 
-    let baseline_again =
-        measure("bare axum endpoint again", &bare_url, connections, duration).await?;
+    for target in &targets {
+        target.warm_up(connections).await?;
+    }
+    // The targets take turns, a slice each per round: the machine's speed drifts (the bare
+    // endpoint alone has measured 31k to 61k req/s within minutes), and turns expose every
+    // target to the same drift, so the ratios hold even when the absolute figures move.
+    for round in 1..=rounds {
+        for target in &mut targets {
+            target.measure_round(connections, slice).await?;
+        }
+        eprintln!("round {round} of {rounds} measured");
+    }
 
     println!();
     println!(
-        "webhook ingest: {connections} connections, {seconds} s per target after 1 s warm-up, {} cores shared with the load generator",
+        "webhook ingest: {connections} connections, {seconds} s per target in {rounds} turns after 1 s warm-up, {} cores shared with the load generator",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
-        "{:<34} {:>9} {:>8} {:>8} {:>7} {:>10}",
-        "target", "req/s", "p50 ms", "p99 ms", "errors", "of bare"
+        "{:<34} {:>9} {:>8} {:>8} {:>7} {:>10} {:>17}",
+        "target", "req/s", "p50 ms", "p99 ms", "errors", "of bare", "of bare per turn"
     );
-    println!("(\"of bare\" is against the mean of the first and last bare runs)");
-    let base = f64::midpoint(baseline.throughput(), baseline_again.throughput());
-    row("bare axum endpoint, first", &baseline, base);
-    row("bare axum endpoint, last", &baseline_again, base);
-    row("gateway+orchestrator, SQLite", &sqlite_measured, base);
-    match &postgres {
-        Ok((_, measured)) => row("gateway+orchestrator, Postgres", measured, base),
-        Err(reason) => println!("gateway+orchestrator, Postgres     skipped: {reason}"),
+    let (bare, others) = targets.split_first_mut().ok_or("no bare target")?;
+    bare.measured.latencies_us.sort_unstable();
+    row(bare.label, &bare.measured, bare.measured.throughput(), "");
+    for target in others {
+        target.measured.latencies_us.sort_unstable();
+        let ratios: Vec<f64> = target
+            .per_round
+            .iter()
+            .zip(&bare.per_round)
+            .map(|(own, bare)| 100.0 * own / bare)
+            .collect();
+        let spread = format!(
+            "{:.1}–{:.1}%",
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max)
+        );
+        row(
+            target.label,
+            &target.measured,
+            bare.measured.throughput(),
+            &spread,
+        );
+    }
+    if let Err(reason) = &postgres {
+        println!("gateway+orchestrator, Postgres     skipped: {reason}");
     }
     shutdown.cancel();
-    if let Ok((database, _)) = postgres {
+    if let Ok(database) = postgres {
         tokio::time::sleep(Duration::from_millis(500)).await;
         database.drop_database().await?;
     }
