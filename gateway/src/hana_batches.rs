@@ -8,8 +8,17 @@
 //! Each call keeps its own answer: the orchestrator answers every call of a batch on its own, and
 //! a batch that fails as a whole fails each of its calls, which are then answered 5xx and sent
 //! again by Hana.
+//!
+//! An orchestrator older than the gateway (during a rolling upgrade, or after a rollback) does not
+//! know `IngestHanaEvents` and answers UNIMPLEMENTED. Every webhook would then fail, and Hana
+//! switches an event off for 30 minutes after 5 failures, so the refused batch is sent again call
+//! by call (`IngestHanaEvent`), and calls go one by one for [`ONE_BY_ONE_FOR`] before a batch is
+//! tried again.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use leadrelay_proto::v1::{
     IngestHanaEventRequest, IngestHanaEventResponse, IngestHanaEventsRequest,
@@ -35,7 +44,10 @@ const MAX_CALLS: usize = 128;
 const MAX_BYTES: usize = 3 * 1024 * 1024;
 
 /// The shortest deadline a batch is sent with, however long its oldest call waited.
-const MIN_DEADLINE: std::time::Duration = std::time::Duration::from_millis(100);
+const MIN_DEADLINE: Duration = Duration::from_millis(100);
+
+/// How long calls go one by one after the orchestrator refused a batch.
+const ONE_BY_ONE_FOR: Duration = Duration::from_secs(60);
 
 /// What a call's sender hears back.
 type Answer = Result<IngestHanaEventResponse, Status>;
@@ -56,6 +68,10 @@ impl HanaBatches {
     /// Starts the task that sends the batches; it stops once the handle is dropped.
     pub(crate) fn start(orchestrator: OrchestratorServiceClient<TracedChannel>) -> Self {
         let (queue, queued) = mpsc::channel(MAX_CALLS * SLOTS);
+        let orchestrator = Arc::new(Orchestrator {
+            client: orchestrator,
+            batches_refused_at: Mutex::new(None),
+        });
         tokio::spawn(send_batches(orchestrator, queued));
         Self { queue }
     }
@@ -75,10 +91,7 @@ impl HanaBatches {
 }
 
 /// Takes a free slot, then every call waiting (up to a batch), and sends them; repeats.
-async fn send_batches(
-    orchestrator: OrchestratorServiceClient<TracedChannel>,
-    mut queued: mpsc::Receiver<Queued>,
-) {
+async fn send_batches(orchestrator: Arc<Orchestrator>, mut queued: mpsc::Receiver<Queued>) {
     let slots = Arc::new(Semaphore::new(SLOTS));
     let mut waiting = Vec::with_capacity(MAX_CALLS);
     loop {
@@ -118,70 +131,138 @@ fn split_by_size<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
 
 /// Sends `batches` one after the other, holding `slot` until all are answered.
 async fn send(
-    mut orchestrator: OrchestratorServiceClient<TracedChannel>,
+    orchestrator: Arc<Orchestrator>,
     batches: Vec<Vec<Queued>>,
     slot: OwnedSemaphorePermit,
 ) {
     for batch in batches {
-        send_one(&mut orchestrator, batch).await;
+        orchestrator.send(batch).await;
     }
     drop(slot);
 }
 
-async fn send_one(orchestrator: &mut OrchestratorServiceClient<TracedChannel>, batch: Vec<Queued>) {
-    let oldest = batch
+/// The orchestrator the calls go to, and whether it lately refused batches.
+struct Orchestrator {
+    client: OrchestratorServiceClient<TracedChannel>,
+    batches_refused_at: Mutex<Option<Instant>>,
+}
+
+impl Orchestrator {
+    /// Whether the orchestrator refused a batch less than [`ONE_BY_ONE_FOR`] ago.
+    fn refuses_batches(&self) -> bool {
+        self.batches_refused_at
+            .lock()
+            .ok()
+            .and_then(|refused_at| *refused_at)
+            .is_some_and(|refused_at| refused_at.elapsed() < ONE_BY_ONE_FOR)
+    }
+
+    /// Sends `batch`, in one call when the orchestrator takes batches, and answers each call.
+    async fn send(&self, batch: Vec<Queued>) {
+        if self.refuses_batches() {
+            self.send_one_by_one(batch);
+            return;
+        }
+        let oldest = oldest(&batch);
+        let (calls, replies): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|queued| (queued.call, queued.reply))
+            .unzip();
+        // The batch is a trace of its own, linked to each webhook's trace; each call's storing is
+        // in its webhook's trace (the orchestrator continues the call's `traceparent`).
+        let span = tracing::info_span!(
+            "hana batch",
+            otel.name = "ingest hana batch",
+            otel.kind = "client",
+            calls = calls.len(),
+        );
+        for call in &calls {
+            link_trace(&span, &call.traceparent);
+        }
+        // Kept until the answer, to be sent again one by one if the batch is refused.
+        let kept = calls.clone();
+        let mut request = tonic::Request::new(IngestHanaEventsRequest { calls });
+        request.set_timeout(deadline(oldest));
+        let answer = self
+            .client
+            .clone()
+            .ingest_hana_events(request)
+            .instrument(span)
+            .await;
+        match answer {
+            Ok(response) => {
+                let mut results = response.into_inner().results.into_iter();
+                for reply in replies {
+                    let answer = match results.next().and_then(|result| result.result) {
+                        Some(CallResult::Stored(stored)) => Ok(stored),
+                        Some(CallResult::Failure(failure)) => {
+                            Err(Status::new(Code::from_i32(failure.code), failure.message))
+                        }
+                        None => Err(Status::internal(
+                            "the orchestrator answered fewer calls than the batch held",
+                        )),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                tracing::warn!(
+                    "the orchestrator does not take batches of Hana calls (IngestHanaEvents; is \
+                     it older than the gateway?): sending calls one by one"
+                );
+                if let Ok(mut refused_at) = self.batches_refused_at.lock() {
+                    *refused_at = Some(Instant::now());
+                }
+                let resent = kept
+                    .into_iter()
+                    .zip(replies)
+                    .map(|(call, reply)| Queued {
+                        call,
+                        queued_at: oldest,
+                        reply,
+                    })
+                    .collect();
+                self.send_one_by_one(resent);
+            }
+            Err(status) => {
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+        }
+    }
+
+    /// Sends each call of `batch` on its own, all at once, answering each when its call returns.
+    fn send_one_by_one(&self, batch: Vec<Queued>) {
+        for queued in batch {
+            let mut client = self.client.clone();
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(queued.call);
+                request.set_timeout(deadline(queued.queued_at));
+                let answer = client
+                    .ingest_hana_event(request)
+                    .await
+                    .map(tonic::Response::into_inner);
+                let _ = queued.reply.send(answer);
+            });
+        }
+    }
+}
+
+/// When the longest waiting call of `batch` was queued.
+fn oldest(batch: &[Queued]) -> Instant {
+    batch
         .iter()
         .map(|queued| queued.queued_at)
         .min()
-        .unwrap_or_else(Instant::now);
-    let (calls, replies): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .map(|queued| (queued.call, queued.reply))
-        .unzip();
-    // The batch is a trace of its own, linked to each webhook's trace; each call's storing is in
-    // its webhook's trace (the orchestrator continues the call's `traceparent`).
-    let span = tracing::info_span!(
-        "hana batch",
-        otel.name = "ingest hana batch",
-        otel.kind = "client",
-        calls = calls.len(),
-    );
-    for call in &calls {
-        link_trace(&span, &call.traceparent);
-    }
-    let mut request = tonic::Request::new(IngestHanaEventsRequest { calls });
-    // The webhook's deadline: the time its oldest call waited here is already spent.
-    request.set_timeout(
-        INGEST_DEADLINE
-            .saturating_sub(oldest.elapsed())
-            .max(MIN_DEADLINE),
-    );
-    match orchestrator
-        .ingest_hana_events(request)
-        .instrument(span)
-        .await
-    {
-        Ok(response) => {
-            let mut results = response.into_inner().results.into_iter();
-            for reply in replies {
-                let answer = match results.next().and_then(|result| result.result) {
-                    Some(CallResult::Stored(stored)) => Ok(stored),
-                    Some(CallResult::Failure(failure)) => {
-                        Err(Status::new(Code::from_i32(failure.code), failure.message))
-                    }
-                    None => Err(Status::internal(
-                        "the orchestrator answered fewer calls than the batch held",
-                    )),
-                };
-                let _ = reply.send(answer);
-            }
-        }
-        Err(status) => {
-            for reply in replies {
-                let _ = reply.send(Err(status.clone()));
-            }
-        }
-    }
+        .unwrap_or_else(Instant::now)
+}
+
+/// A call's deadline: the webhook's, less what waiting here already spent.
+fn deadline(queued_at: Instant) -> Duration {
+    INGEST_DEADLINE
+        .saturating_sub(queued_at.elapsed())
+        .max(MIN_DEADLINE)
 }
 
 #[cfg(test)]

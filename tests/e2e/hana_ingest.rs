@@ -454,6 +454,89 @@ async fn concurrent_webhooks_each_get_their_own_answer(backend: Backend) -> Test
     harness.finish().await
 }
 
+/// An orchestrator older than the gateway (a rolling upgrade, a rollback) refuses batches with
+/// UNIMPLEMENTED: the gateway must send the same calls again one by one, so that no webhook fails.
+#[tokio::test]
+async fn an_orchestrator_without_batches_still_gets_every_call() -> TestResult {
+    use axum::response::IntoResponse as _;
+    use leadrelay_proto::v1::orchestrator_service_server::OrchestratorServiceServer;
+
+    let folder = tempfile::tempdir()?;
+    let url: leadrelay_runtime::config::DatabaseUrl =
+        format!("sqlite://{}/old.db", folder.path().display()).parse()?;
+    let store = leadrelay_orchestrator::Store::connect(&url).await?;
+    store.migrate().await?;
+    let orchestrator = leadrelay_orchestrator::Orchestrator::new(
+        store,
+        leadrelay_orchestrator::IngestPolicy::default(),
+    )?;
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = refused.clone();
+    // Every RPC but IngestHanaEvents, as an orchestrator built before it answers.
+    let old_orchestrator = axum::Router::new()
+        .route(
+            "/leadrelay.v1.OrchestratorService/IngestHanaEvents",
+            axum::routing::post(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    tonic::Status::unimplemented("unknown method IngestHanaEvents")
+                        .into_http::<axum::body::Body>()
+                        .into_response()
+                }
+            }),
+        )
+        .fallback_service(OrchestratorServiceServer::new(orchestrator.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let orchestrator_addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, old_orchestrator).await });
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gateway_addr = gateway.local_addr()?;
+    tokio::spawn(leadrelay_gateway::serve(
+        leadrelay_gateway::GatewayConfig {
+            hana_webhook_token: "old-token".to_owned().into(),
+            hana_webhook_token_previous: None,
+            pipedrive_webhook: None,
+            orchestrator_url: format!("http://{orchestrator_addr}").parse()?,
+        },
+        gateway,
+        shutdown.clone(),
+    ));
+
+    let http = reqwest::Client::new();
+    let mut posts = tokio::task::JoinSet::new();
+    for n in 0..30 {
+        let http = http.clone();
+        let url = format!("http://{gateway_addr}/webhooks/hana/lead.created?token=old-token");
+        let body = json!({
+            "application": {"id": APP_ID},
+            "lead": {"id": {"nomalizeData": format!("old-{n}"), "rawData": format!("old-{n}")}}
+        })
+        .to_string();
+        posts.spawn(async move {
+            let answer = http.post(url).body(body).send().await?;
+            Ok::<_, Error>((answer.status().as_u16(), answer.text().await?))
+        });
+    }
+    while let Some(posted) = posts.join_next().await {
+        let (status, answer) = posted??;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert!(
+        refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the gateway never tried a batch"
+    );
+    use leadrelay_proto::v1::orchestrator_service_server::OrchestratorService as _;
+    let stats = orchestrator
+        .get_stats(tonic::Request::new(GetStatsRequest {}))
+        .await?
+        .into_inner();
+    assert_eq!(stats.events_total, 30);
+    shutdown.cancel();
+    Ok(())
+}
+
 async fn unusable_calls_are_refused_or_quarantined(backend: Backend) -> TestResult {
     let mut harness =
         Harness::start(backend, &[("LEADRELAY_HANA_APPLICATION_IDS", APP_ID)]).await?;
