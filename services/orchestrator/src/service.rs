@@ -128,7 +128,6 @@ fn remote_key(remote: leadrelay_proto::v1::RemoteKey) -> Result<EntityKey, Statu
     })
 }
 
-/// Records what became of an ingested event on its span.
 /// A Hana call as ingest takes it, and the span its storing is recorded in: a child of the
 /// call's own `traceparent` when it carries one (a call from a batch), else of the RPC's span.
 fn hana_call(request: IngestHanaEventRequest) -> (HanaCall, tracing::Span) {
@@ -180,6 +179,7 @@ fn stored(span: &tracing::Span, outcome: IngestOutcome) -> IngestHanaEventRespon
     }
 }
 
+/// Records what became of an ingested event on its span.
 fn record_outcome(span: &tracing::Span, event_id: &str, duplicate: bool, quarantined: bool) {
     span.record("event_id", event_id);
     span.record("duplicate", duplicate);
