@@ -13,7 +13,6 @@
 //! means "on disk", but the writer's time per group is its statements alone, not statements plus
 //! an fsync (about 65% of a group's time when the writer waited for it).
 
-mod checkpoint;
 mod group;
 mod sql;
 
@@ -268,9 +267,8 @@ impl Committer for PoolCommitter {
 
 /// Settings of the SQLite writer's connection. `synchronous = NORMAL` lets a commit return
 /// without an fsync; the acknowledging thread fsyncs the write-ahead log before answering, which
-/// makes an acknowledged event survive power loss as `FULL` would. Checkpoints run on a thread
-/// of their own ([`checkpoint`]), and still fsync. The file is already in WAL mode (the store set
-/// it).
+/// makes an acknowledged event survive power loss as `FULL` would. Checkpoints still fsync.
+/// The file is already in WAL mode (the store set it).
 const SQLITE_WRITER_PRAGMAS: &str =
     "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
 
@@ -282,7 +280,6 @@ const SQLITE_STATEMENT_CACHE: usize = 128;
 struct SqliteCommitter {
     connection: rusqlite::Connection,
     durable: std::sync::mpsc::Sender<Vec<Answer>>,
-    checkpoints: checkpoint::Checkpoints,
 }
 
 impl SqliteCommitter {
@@ -292,7 +289,6 @@ impl SqliteCommitter {
             .execute_batch(SQLITE_WRITER_PRAGMAS)
             .map_err(SqliteError::from)?;
         connection.set_prepared_statement_cache_capacity(SQLITE_STATEMENT_CACHE);
-        let checkpoints = checkpoint::Checkpoints::start(path, &connection)?;
         let (durable, committed) = std::sync::mpsc::channel();
         let log = WriteAheadLog::of(path);
         std::thread::Builder::new()
@@ -302,7 +298,6 @@ impl SqliteCommitter {
         Ok(Self {
             connection,
             durable,
-            checkpoints,
         })
     }
 }
@@ -326,9 +321,6 @@ impl Committer for SqliteCommitter {
             && let Err(error) = connection.execute_batch("ROLLBACK")
         {
             tracing::warn!(%error, "rolling back a failed ingest group failed");
-        }
-        if committed.is_ok() {
-            self.checkpoints.after_commit(connection);
         }
         committed
     }

@@ -110,32 +110,3 @@ async fn postgres_groups_behave_like_single_commits() -> TestResult {
     store.close().await;
     database.drop_database().await
 }
-
-/// The writer commits with SQLite's own checkpoints off; the thread beside it must still copy the
-/// write-ahead log into the database file, or the log would grow for ever.
-#[tokio::test]
-async fn sqlite_checkpoints_copy_the_log_into_the_database_beside_the_writer() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let database = dir.path().join("lr.db");
-    let url: DatabaseUrl = format!("sqlite://{}", database.display()).parse()?;
-    let store = Store::connect(&url).await?;
-    store.migrate().await?;
-    let migrated = std::fs::metadata(&database)?.len();
-    let ingester = Ingester::start(store.clone(), IngestPolicy::default())?;
-    let calls = (0..1000).map(|n| call(HanaEventKind::LeadCreated, &format!("lead-{n}"), "Lead"));
-    for outcome in ingester.ingest_all(calls.collect()).await {
-        assert!(!outcome?.duplicate);
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let size = std::fs::metadata(&database)?.len();
-        if size > migrated + 512 * 1024 {
-            return Ok(());
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the database file stayed at {size} bytes (migrated: {migrated}): nothing checkpointed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
