@@ -38,6 +38,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 const TOKEN: &str = "bench-token";
 
 /// What one load run measured.
+#[derive(Default)]
 struct Measurement {
     requests: u64,
     errors: u64,
@@ -204,12 +205,7 @@ impl Target {
             label,
             url,
             sequence: Arc::new(AtomicU64::new(0)),
-            measured: Measurement {
-                requests: 0,
-                errors: 0,
-                elapsed: Duration::ZERO,
-                latencies_us: Vec::new(),
-            },
+            measured: Measurement::default(),
             per_round: Vec::new(),
         }
     }

@@ -55,6 +55,9 @@ type Answer = Result<IngestHanaEventResponse, Status>;
 /// A call waiting for its batch.
 struct Queued {
     call: IngestHanaEventRequest,
+    /// The call's encoded size, measured in the webhook's own task: the batching task is one
+    /// for every call.
+    bytes: usize,
     queued_at: Instant,
     reply: oneshot::Sender<Answer>,
 }
@@ -80,6 +83,7 @@ impl HanaBatches {
     pub(crate) async fn ingest(&self, call: IngestHanaEventRequest) -> Answer {
         let (reply, answer) = oneshot::channel();
         let queued = Queued {
+            bytes: call.encoded_len(),
             call,
             queued_at: Instant::now(),
             reply,
@@ -102,9 +106,7 @@ async fn send_batches(orchestrator: Arc<Orchestrator>, mut queued: mpsc::Receive
         if queued.recv_many(&mut waiting, MAX_CALLS).await == 0 {
             return;
         }
-        let batches = split_by_size(std::mem::take(&mut waiting), |queued| {
-            queued.call.encoded_len()
-        });
+        let batches = split_by_size(std::mem::take(&mut waiting), |queued| queued.bytes);
         tokio::spawn(send(orchestrator.clone(), batches, slot));
     }
 }
@@ -217,6 +219,7 @@ impl Orchestrator {
                     .into_iter()
                     .zip(replies)
                     .map(|(call, reply)| Queued {
+                        bytes: call.encoded_len(),
                         call,
                         queued_at: oldest,
                         reply,
