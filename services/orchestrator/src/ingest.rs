@@ -13,6 +13,7 @@
 //! means "on disk", but the writer's time per group is its statements alone, not statements plus
 //! an fsync (about 65% of a group's time when the writer waited for it).
 
+mod checkpoint;
 mod group;
 mod sql;
 
@@ -267,8 +268,8 @@ impl Committer for PoolCommitter {
 
 /// Settings of the SQLite writer's connection. `synchronous = NORMAL` lets a commit return
 /// without an fsync; the acknowledging thread fsyncs the write-ahead log before answering, which
-/// makes an acknowledged event survive power loss as `FULL` would. Checkpoints still fsync.
-/// The file is already in WAL mode (the store set it).
+/// makes an acknowledged event survive power loss as `FULL` would. Checkpoints run beside the
+/// writer ([`checkpoint`]) and still fsync. The file is already in WAL mode (the store set it).
 const SQLITE_WRITER_PRAGMAS: &str =
     "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
 
@@ -280,6 +281,7 @@ const SQLITE_STATEMENT_CACHE: usize = 128;
 struct SqliteCommitter {
     connection: rusqlite::Connection,
     durable: std::sync::mpsc::Sender<Vec<Answer>>,
+    checkpoints: checkpoint::Checkpoints,
 }
 
 impl SqliteCommitter {
@@ -289,6 +291,7 @@ impl SqliteCommitter {
             .execute_batch(SQLITE_WRITER_PRAGMAS)
             .map_err(SqliteError::from)?;
         connection.set_prepared_statement_cache_capacity(SQLITE_STATEMENT_CACHE);
+        let checkpoints = checkpoint::Checkpoints::start(path, &connection)?;
         let (durable, committed) = std::sync::mpsc::channel();
         let log = WriteAheadLog::of(path);
         std::thread::Builder::new()
@@ -298,6 +301,7 @@ impl SqliteCommitter {
         Ok(Self {
             connection,
             durable,
+            checkpoints,
         })
     }
 }
@@ -329,6 +333,9 @@ impl Committer for SqliteCommitter {
         // When the sync thread has stopped (an fsync failed), the replies are dropped with the
         // message and every caller hears that nothing was acknowledged.
         let _ = self.durable.send(answers);
+        // After the answers are on their way: a checkpoint the writer has to run itself delays
+        // the next group, not this one.
+        self.checkpoints.after_commit(&self.connection);
     }
 }
 
