@@ -162,7 +162,7 @@ impl Orchestrator {
     /// Sends `batch`, in one call when the orchestrator takes batches, and answers each call.
     async fn send(&self, batch: Vec<Queued>) {
         if self.refuses_batches() {
-            self.send_one_by_one(batch);
+            self.send_one_by_one(batch).await;
             return;
         }
         let oldest = oldest(&batch);
@@ -225,7 +225,7 @@ impl Orchestrator {
                         reply,
                     })
                     .collect();
-                self.send_one_by_one(resent);
+                self.send_one_by_one(resent).await;
             }
             Err(status) => {
                 for reply in replies {
@@ -236,10 +236,13 @@ impl Orchestrator {
     }
 
     /// Sends each call of `batch` on its own, all at once, answering each when its call returns.
-    fn send_one_by_one(&self, batch: Vec<Queued>) {
+    /// Returns once every call is answered: the batch's slot stays taken until then, so an
+    /// orchestrator that refuses batches gets no more calls at once than batches would carry.
+    async fn send_one_by_one(&self, batch: Vec<Queued>) {
+        let mut calls = tokio::task::JoinSet::new();
         for queued in batch {
             let mut client = self.client.clone();
-            tokio::spawn(async move {
+            calls.spawn(async move {
                 let mut request = tonic::Request::new(queued.call);
                 request.set_timeout(deadline(queued.queued_at));
                 let answer = client
@@ -249,6 +252,7 @@ impl Orchestrator {
                 let _ = queued.reply.send(answer);
             });
         }
+        while calls.join_next().await.is_some() {}
     }
 }
 
