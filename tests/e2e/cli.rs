@@ -100,7 +100,7 @@ fn migrate_creates_and_then_leaves_the_schema() -> TestResult {
         String::from_utf8_lossy(&first.stderr)
     );
     let text = String::from_utf8_lossy(&first.stdout);
-    assert!(text.starts_with("applied 3 migration(s);"), "{text}");
+    assert!(text.starts_with("applied 4 migration(s);"), "{text}");
     assert!(folder.path().join("state/lr.db").exists());
 
     let second = leadrelay()

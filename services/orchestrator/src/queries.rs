@@ -7,7 +7,7 @@ use sqlx::{AnyPool, Row, any::AnyRow};
 
 use crate::{
     entity::CanonicalEntity,
-    ingest::timestamp,
+    ingest::{source_key, timestamp},
     routes::{EntityType, Operation, system_from_name, system_name},
     store::StoreError,
 };
@@ -85,7 +85,7 @@ async fn get_entity<E: CanonicalEntity>(
     pool: &AnyPool,
     key: &EntityKey,
 ) -> Result<Option<E>, StoreError> {
-    let Some(id) = resolve(pool, E::ENTITY_TYPE, key).await? else {
+    let Some(id) = resolve(pool, E::ENTITY_TYPE, E::TABLE, key).await? else {
         return Ok(None);
     };
     let body: Option<Vec<u8>> =
@@ -100,22 +100,51 @@ async fn get_entity<E: CanonicalEntity>(
     Ok(Some(entity))
 }
 
+/// The entity linked to a record of a system other than Hana.
+pub(crate) const ENTITY_BY_REMOTE_ID: &str = "SELECT entity_id FROM links \
+     WHERE entity_type = $1 AND system = $2 AND remote_id = $3 AND system <> 'hana' \
+     ORDER BY linked_at LIMIT 1";
+
 async fn resolve(
     pool: &AnyPool,
     entity_type: EntityType,
+    table: &str,
     key: &EntityKey,
 ) -> Result<Option<String>, StoreError> {
     match key {
         EntityKey::Id(id) => Ok(Some(id.clone())),
-        EntityKey::Remote { system, remote_id } => Ok(sqlx::query_scalar(
-            "SELECT entity_id FROM links WHERE entity_type = $1 AND system = $2 AND remote_id = $3 \
-             ORDER BY linked_at LIMIT 1",
-        )
-        .bind(entity_type.as_str())
-        .bind(system_name(*system))
-        .bind(remote_id)
-        .fetch_optional(pool)
-        .await?),
+        // Hana records are left out of the link index (migration 0004): the entity a Hana record
+        // created is under its source key, which names the application as well as the id.
+        EntityKey::Remote {
+            system: System::Hana,
+            remote_id,
+        } => {
+            let applications: Vec<String> =
+                sqlx::query_scalar("SELECT application_id FROM hana_applications")
+                    .fetch_all(pool)
+                    .await?;
+            let select = format!("SELECT created_at, id FROM {table} WHERE source_key = $1");
+            let mut first: Option<(i64, String)> = None;
+            for application_id in applications {
+                let found: Option<(i64, String)> = sqlx::query_as(&select)
+                    .bind(source_key(&application_id, remote_id))
+                    .fetch_optional(pool)
+                    .await?;
+                // Ids are time-ordered: they break a tie within one millisecond.
+                if let Some(found) = found
+                    && first.as_ref().is_none_or(|first| found < *first)
+                {
+                    first = Some(found);
+                }
+            }
+            Ok(first.map(|(_, id)| id))
+        }
+        EntityKey::Remote { system, remote_id } => Ok(sqlx::query_scalar(ENTITY_BY_REMOTE_ID)
+            .bind(entity_type.as_str())
+            .bind(system_name(*system))
+            .bind(remote_id)
+            .fetch_optional(pool)
+            .await?),
     }
 }
 

@@ -106,13 +106,11 @@ impl SalesManPoller {
             Some(known) => known != status,
             None => {
                 status != "0"
-                    && sqlx::query(
-                        "SELECT 1 FROM links WHERE system = 'salesman' AND remote_id = $1",
-                    )
-                    .bind(&lead_id)
-                    .fetch_optional(&mut *transaction)
-                    .await?
-                    .is_some()
+                    && sqlx::query(SALESMAN_LEAD_IS_LINKED)
+                        .bind(&lead_id)
+                        .fetch_optional(&mut *transaction)
+                        .await?
+                        .is_some()
             }
         };
         if known.as_deref() == Some(status) {
@@ -167,6 +165,16 @@ impl SalesManPoller {
 /// Sets the sales status of the canonical lead linked to SalesMan lead `lead_id` and queues the
 /// Hana write-back, in the transaction that stores the status event. A SalesMan lead LeadRelay
 /// did not create (or whose lead did not come from Hana) changes nothing.
+/// Whether a SalesMan lead is linked to one of ours (`system <> 'hana'` lets SQLite use the link
+/// index).
+pub(crate) const SALESMAN_LEAD_IS_LINKED: &str =
+    "SELECT 1 FROM links WHERE system = 'salesman' AND remote_id = $1 AND system <> 'hana'";
+
+/// The lead linked to a SalesMan lead.
+pub(crate) const LEAD_BY_SALESMAN_ID: &str = "SELECT entity_id FROM links \
+     WHERE entity_type = 'lead' AND system = 'salesman' AND kind = 'salesman_lead' \
+     AND remote_id = $1 AND closed_at IS NULL AND system <> 'hana'";
+
 async fn follow_status_change(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     lead_id: &str,
@@ -175,13 +183,10 @@ async fn follow_status_change(
 ) -> Result<(), IngestError> {
     use prost::Message;
 
-    let entity_id: Option<String> = sqlx::query_scalar(
-        "SELECT entity_id FROM links WHERE entity_type = 'lead' AND system = 'salesman' \
-         AND kind = 'salesman_lead' AND remote_id = $1 AND closed_at IS NULL",
-    )
-    .bind(lead_id)
-    .fetch_optional(&mut **transaction)
-    .await?;
+    let entity_id: Option<String> = sqlx::query_scalar(LEAD_BY_SALESMAN_ID)
+        .bind(lead_id)
+        .fetch_optional(&mut **transaction)
+        .await?;
     let Some(entity_id) = entity_id else {
         return Ok(());
     };

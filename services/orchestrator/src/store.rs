@@ -230,3 +230,95 @@ fn create_parent_folder(path: &Path) -> Result<(), StoreError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    async fn sqlite_store(
+        folder: &tempfile::TempDir,
+    ) -> Result<Store, Box<dyn std::error::Error + Send + Sync>> {
+        let url = format!("sqlite://{}/store.db", folder.path().display()).parse()?;
+        Ok(Store::connect(&url).await?)
+    }
+
+    /// Hana records left the link index (migration 0004), so it is partial, and SQLite uses a
+    /// partial index only for a query that repeats its condition: one that forgot it would scan
+    /// every link.
+    #[tokio::test]
+    async fn every_lookup_by_remote_id_uses_the_link_index() -> TestResult {
+        let folder = tempfile::tempdir()?;
+        let store = sqlite_store(&folder).await?;
+        store.migrate().await?;
+        for query in [
+            crate::queries::ENTITY_BY_REMOTE_ID,
+            crate::pipedrive_events::DEAL_BY_PIPEDRIVE_ID,
+            crate::salesman_poller::SALESMAN_LEAD_IS_LINKED,
+            crate::salesman_poller::LEAD_BY_SALESMAN_ID,
+        ] {
+            let text = format!("EXPLAIN QUERY PLAN {query}");
+            let mut explain = sqlx::query(&text);
+            for _ in 0..query.matches('$').count() {
+                explain = explain.bind("x");
+            }
+            let plan: Vec<String> = explain
+                .fetch_all(store.pool())
+                .await?
+                .iter()
+                .map(|row| sqlx::Row::try_get::<String, _>(row, "detail"))
+                .collect::<Result<_, _>>()?;
+            assert!(
+                plan.iter().any(|step| step.contains("links_by_remote")),
+                "{query}\nis planned as {plan:?}"
+            );
+        }
+        store.close().await;
+        Ok(())
+    }
+
+    /// A store migrated before 0004 learns the Hana applications of the events it holds.
+    #[tokio::test]
+    async fn hana_applications_are_filled_from_stored_events() -> TestResult {
+        let folder = tempfile::tempdir()?;
+        let store = sqlite_store(&folder).await?;
+        let before_0004 = Migrator {
+            migrations: std::borrow::Cow::Owned(
+                SQLITE_MIGRATIONS
+                    .iter()
+                    .filter(|migration| migration.version < 4)
+                    .cloned()
+                    .collect(),
+            ),
+            ..Migrator::DEFAULT
+        };
+        before_0004.run(store.pool()).await?;
+        for (id, source, application_id, key) in [
+            ("evt_1", "hana", "app-1", "k1"),
+            ("evt_2", "hana", "app-1", "k2"),
+            ("evt_3", "hana", "app-2", "k3"),
+            ("evt_4", "pipedrive", "", "k4"),
+        ] {
+            sqlx::query(
+                "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, \
+                 received_at) VALUES ($1, $2, 'lead.created', $3, $4, x'7b7d', 0)",
+            )
+            .bind(id)
+            .bind(source)
+            .bind(application_id)
+            .bind(key)
+            .execute(store.pool())
+            .await?;
+        }
+        assert_eq!(store.migrate().await?.applied, 1);
+        let applications: Vec<String> = sqlx::query_scalar(
+            "SELECT application_id FROM hana_applications ORDER BY application_id",
+        )
+        .fetch_all(store.pool())
+        .await?;
+        assert_eq!(applications, ["app-1", "app-2"]);
+        store.close().await;
+        Ok(())
+    }
+}

@@ -15,12 +15,16 @@ use leadrelay_testkit::TestDatabase;
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 fn call(kind: HanaEventKind, lead_id: &str, name: &str) -> HanaCall {
+    call_in("app", kind, lead_id, name)
+}
+
+fn call_in(application_id: &str, kind: HanaEventKind, lead_id: &str, name: &str) -> HanaCall {
     let attribute = |value: &str| RawAttribute {
         normalized: Some(to_proto_value(value.into())),
         raw: Some(to_proto_value(value.into())),
     };
     let webhook = HanaWebhook {
-        application_id: "app".to_owned(),
+        application_id: application_id.to_owned(),
         lead: [("id", lead_id), ("baseName", name)]
             .into_iter()
             .map(|(attribute_name, value)| (attribute_name.to_owned(), attribute(value)))
@@ -28,7 +32,7 @@ fn call(kind: HanaEventKind, lead_id: &str, name: &str) -> HanaCall {
         ..Default::default()
     };
     let raw_body = format!(
-        r#"{{"application":{{"id":"app"}},"lead":{{"id":"{lead_id}","baseName":"{name}"}}}}"#
+        r#"{{"application":{{"id":"{application_id}"}},"lead":{{"id":"{lead_id}","baseName":"{name}"}}}}"#
     );
     HanaCall {
         kind,
@@ -92,13 +96,52 @@ async fn calls_sharing_a_group(store: Store) -> TestResult {
     Ok(())
 }
 
+/// A Hana id names the entity its record created under any application; when two applications
+/// hold the same id, the entity created first.
+async fn hana_ids_are_found_under_each_application(store: Store) -> TestResult {
+    let ingester =
+        Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
+    for (application_id, lead_id, name) in [
+        ("app-1", "shared", "One"),
+        ("app-2", "shared", "Two"),
+        ("app-2", "only-two", "Only"),
+    ] {
+        let outcome = ingester
+            .ingest(call_in(
+                application_id,
+                HanaEventKind::LeadCreated,
+                lead_id,
+                name,
+            ))
+            .await?;
+        assert!(!outcome.duplicate && !outcome.quarantined);
+    }
+    let name_of = |remote_id: &str| {
+        let key = EntityKey::Remote {
+            system: System::Hana,
+            remote_id: remote_id.to_owned(),
+        };
+        let pool = store.pool().clone();
+        async move {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                queries::get_lead(&pool, &key).await?.map(|lead| lead.name),
+            )
+        }
+    };
+    assert_eq!(name_of("shared").await?.as_deref(), Some("One"));
+    assert_eq!(name_of("only-two").await?.as_deref(), Some("Only"));
+    assert_eq!(name_of("missing").await?, None);
+    Ok(())
+}
+
 #[tokio::test]
 async fn sqlite_groups_behave_like_single_commits() -> TestResult {
     let dir = tempfile::tempdir()?;
     let url: DatabaseUrl = format!("sqlite://{}/lr.db", dir.path().display()).parse()?;
     let store = Store::connect(&url).await?;
     store.migrate().await?;
-    calls_sharing_a_group(store).await
+    calls_sharing_a_group(store.clone()).await?;
+    hana_ids_are_found_under_each_application(store).await
 }
 
 #[tokio::test]
@@ -107,6 +150,7 @@ async fn postgres_groups_behave_like_single_commits() -> TestResult {
     let store = Store::connect(&database.url().parse()?).await?;
     store.migrate().await?;
     calls_sharing_a_group(store.clone()).await?;
+    hana_ids_are_found_under_each_application(store.clone()).await?;
     store.close().await;
     database.drop_database().await
 }

@@ -9,9 +9,10 @@ use leadrelay_testkit::TestDatabase;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "deals",
     "events",
+    "hana_applications",
     "jobs",
     "leads",
     "links",
@@ -25,15 +26,15 @@ async fn migrates_once(store: &Store) -> TestResult {
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
-            applied: 3,
-            version: 3
+            applied: 4,
+            version: 4
         }
     );
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
             applied: 0,
-            version: 3
+            version: 4
         }
     );
     Ok(())

@@ -237,6 +237,7 @@ pub(super) async fn commit_group<T: GroupTransaction>(
         }
     }
 
+    insert_applications(transaction, sql, &fresh).await?;
     let (lead_calls, deal_calls): (Vec<&Accepted<'_>>, Vec<&Accepted<'_>>) = fresh
         .iter()
         .partition(|call| EntityType::of(call.valid.kind) == EntityType::Lead);
@@ -326,6 +327,37 @@ async fn insert_events<T: GroupTransaction>(
     )
     .await?;
     Ok(text_pairs(rows).collect())
+}
+
+/// Records the Hana applications of the group's events, so that a lookup by Hana id knows every
+/// application whose source keys to try (see `queries::resolve`). Once an application is known
+/// the statement changes no page.
+async fn insert_applications<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
+    fresh: &[&Accepted<'_>],
+) -> Result<(), IngestError> {
+    let applications: Vec<&str> = fresh
+        .iter()
+        .map(|call| call.valid.webhook.application_id.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let statement = Repeated {
+        head: "INSERT INTO hana_applications (application_id) VALUES",
+        row: "(?)",
+        tail: "ON CONFLICT (application_id) DO NOTHING",
+    };
+    for_rows(
+        transaction,
+        sql,
+        &statement,
+        &applications,
+        &[],
+        |application_id, params| params.push(Param::Text(application_id)),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Rows of `table` whose `source_key` is one of `keys`: the named columns, chunked like inserts.
