@@ -43,14 +43,14 @@ fn unusable(request: &IngestPipedriveEventRequest) -> Option<String> {
     None
 }
 
-/// The reverse flow of a Pipedrive deal change: when the deal is linked to a canonical deal and
-/// its status, lost reason or stage differ from what LeadRelay holds, the canonical deal takes
-/// them and a job writes them back to Hana, in the transaction that stores the event.
 /// The deal linked to a Pipedrive deal (`system <> 'hana'` lets SQLite use the link index).
 pub(crate) const DEAL_BY_PIPEDRIVE_ID: &str = "SELECT entity_id FROM links \
      WHERE entity_type = 'deal' AND system = 'pipedrive' AND kind = 'pipedrive_deal' \
      AND remote_id = $1 AND closed_at IS NULL AND system <> 'hana'";
 
+/// The reverse flow of a Pipedrive deal change: when the deal is linked to a canonical deal and
+/// its status, lost reason or stage differ from what LeadRelay holds, the canonical deal takes
+/// them and a job writes them back to Hana, in the transaction that stores the event.
 async fn follow_deal_change(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     request: &IngestPipedriveEventRequest,

@@ -162,9 +162,6 @@ impl SalesManPoller {
     }
 }
 
-/// Sets the sales status of the canonical lead linked to SalesMan lead `lead_id` and queues the
-/// Hana write-back, in the transaction that stores the status event. A SalesMan lead LeadRelay
-/// did not create (or whose lead did not come from Hana) changes nothing.
 /// Whether a SalesMan lead is linked to one of ours (`system <> 'hana'` lets SQLite use the link
 /// index).
 pub(crate) const SALESMAN_LEAD_IS_LINKED: &str =
@@ -175,6 +172,9 @@ pub(crate) const LEAD_BY_SALESMAN_ID: &str = "SELECT entity_id FROM links \
      WHERE entity_type = 'lead' AND system = 'salesman' AND kind = 'salesman_lead' \
      AND remote_id = $1 AND closed_at IS NULL AND system <> 'hana'";
 
+/// Sets the sales status of the canonical lead linked to SalesMan lead `lead_id` and queues the
+/// Hana write-back, in the transaction that stores the status event. A SalesMan lead LeadRelay
+/// did not create (or whose lead did not come from Hana) changes nothing.
 async fn follow_status_change(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     lead_id: &str,
