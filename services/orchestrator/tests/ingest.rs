@@ -134,6 +134,38 @@ async fn hana_ids_are_found_under_each_application(store: Store) -> TestResult {
     Ok(())
 }
 
+/// Updates of one lead queued one after another apply in that order, however the writer cuts
+/// them into groups. Each round is usually cut at least once: 300 calls take longer to queue
+/// than the first group takes to start.
+async fn updates_apply_in_arrival_order_across_groups(store: Store) -> TestResult {
+    let ingester =
+        Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
+    for round in 0..5 {
+        let lead_id = format!("ordered-{round}");
+        ingester
+            .ingest(call(HanaEventKind::LeadCreated, &lead_id, "created"))
+            .await?;
+        let updates: Vec<HanaCall> = (0..300)
+            .map(|version| call(HanaEventKind::LeadUpdated, &lead_id, &format!("v{version}")))
+            .collect();
+        for outcome in ingester.ingest_all(updates).await {
+            let outcome = outcome?;
+            assert!(!outcome.duplicate && !outcome.quarantined);
+        }
+        let lead = queries::get_lead(
+            store.pool(),
+            &EntityKey::Remote {
+                system: System::Hana,
+                remote_id: lead_id.clone(),
+            },
+        )
+        .await?
+        .ok_or("the lead was not stored")?;
+        assert_eq!(lead.name, "v299", "{lead_id}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn sqlite_groups_behave_like_single_commits() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -141,7 +173,8 @@ async fn sqlite_groups_behave_like_single_commits() -> TestResult {
     let store = Store::connect(&url).await?;
     store.migrate().await?;
     calls_sharing_a_group(store.clone()).await?;
-    hana_ids_are_found_under_each_application(store).await
+    hana_ids_are_found_under_each_application(store.clone()).await?;
+    updates_apply_in_arrival_order_across_groups(store).await
 }
 
 #[tokio::test]
@@ -151,6 +184,7 @@ async fn postgres_groups_behave_like_single_commits() -> TestResult {
     store.migrate().await?;
     calls_sharing_a_group(store.clone()).await?;
     hana_ids_are_found_under_each_application(store.clone()).await?;
+    updates_apply_in_arrival_order_across_groups(store.clone()).await?;
     store.close().await;
     database.drop_database().await
 }
