@@ -345,12 +345,17 @@ struct WriteAheadLog {
     folder: Option<std::path::PathBuf>,
 }
 
+/// A file SQLite keeps beside `database`: its name with `suffix` (`-wal`, `-shm`) appended.
+fn sqlite_sibling(database: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut path = database.as_os_str().to_owned();
+    path.push(suffix);
+    path.into()
+}
+
 impl WriteAheadLog {
     fn of(database: &std::path::Path) -> Self {
-        let mut path = database.as_os_str().to_owned();
-        path.push("-wal");
         Self {
-            path: path.into(),
+            path: sqlite_sibling(database, "-wal"),
             folder: database.parent().map(std::path::Path::to_path_buf),
         }
     }

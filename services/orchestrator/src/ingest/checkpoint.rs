@@ -62,9 +62,7 @@ pub(super) struct WalIndex {
 impl WalIndex {
     /// Opens the wal-index of `database`; it exists once a connection has read the database.
     pub(super) fn open(database: &Path) -> std::io::Result<Self> {
-        let mut path = database.as_os_str().to_owned();
-        path.push("-shm");
-        let path = PathBuf::from(path);
+        let path = super::sqlite_sibling(database, "-shm");
         Ok(Self {
             file: File::open(&path)?,
             path,
