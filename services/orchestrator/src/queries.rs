@@ -123,21 +123,22 @@ async fn resolve(
                 sqlx::query_scalar("SELECT application_id FROM hana_applications")
                     .fetch_all(pool)
                     .await?;
-            let select = format!("SELECT created_at, id FROM {table} WHERE source_key = $1");
-            let mut first: Option<(i64, String)> = None;
-            for application_id in applications {
-                let found: Option<(i64, String)> = sqlx::query_as(&select)
-                    .bind(source_key(&application_id, remote_id))
-                    .fetch_optional(pool)
-                    .await?;
-                // Ids are time-ordered: they break a tie within one millisecond.
-                if let Some(found) = found
-                    && first.as_ref().is_none_or(|first| found < *first)
-                {
-                    first = Some(found);
-                }
+            if applications.is_empty() {
+                return Ok(None);
             }
-            Ok(first.map(|(_, id)| id))
+            let placeholders: Vec<String> = (1..=applications.len())
+                .map(|number| format!("${number}"))
+                .collect();
+            // Ids are time-ordered: they break a tie within one millisecond.
+            let select = format!(
+                "SELECT id FROM {table} WHERE source_key IN ({}) ORDER BY created_at, id LIMIT 1",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query_scalar(&select);
+            for application_id in &applications {
+                query = query.bind(source_key(application_id, remote_id));
+            }
+            Ok(query.fetch_optional(pool).await?)
         }
         EntityKey::Remote { system, remote_id } => Ok(sqlx::query_scalar(ENTITY_BY_REMOTE_ID)
             .bind(entity_type.as_str())
