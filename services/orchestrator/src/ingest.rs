@@ -120,11 +120,12 @@ struct CheckedCall {
 
 /// What validation decided.
 enum Verdict {
-    /// The call is usable: its kind, the id of the entity it is about and its dedupe key.
+    /// The call is usable: its kind, the id of the entity it is about and the hash of its
+    /// content that recognises a redelivery.
     Accept {
         kind: HanaEventKind,
         hana_id: String,
-        dedupe_key: String,
+        content_hash: String,
         /// The jobs it implies, as routed.
         plan: Vec<crate::routes::PlannedJob>,
     },
@@ -137,7 +138,7 @@ impl CheckedCall {
         let verdict = match validate(&call, policy) {
             Ok(valid) => Verdict::Accept {
                 kind: valid.kind,
-                dedupe_key: dedupe_key(valid.kind, valid.webhook, &call.raw_body),
+                content_hash: content_hash(valid.kind, valid.webhook, &call.raw_body),
                 plan: crate::routes::plan(
                     valid.kind,
                     !valid.webhook.conversation_url.is_empty(),
@@ -503,9 +504,10 @@ fn validate<'a>(call: &'a HanaCall, policy: &IngestPolicy) -> Result<ValidCall<'
     })
 }
 
-/// The key redeliveries are recognised by: the source, the kind, the application and the body
-/// with its keys sorted (so a re-serialised redelivery still matches).
-fn dedupe_key(kind: HanaEventKind, webhook: &HanaWebhook, raw_body: &[u8]) -> String {
+/// The hash redeliveries are recognised by: of the kind, the application and the body with its
+/// keys sorted (so a re-serialised redelivery still matches). Events are stored under it and
+/// their entity's id (`group::dedupe_key`).
+fn content_hash(kind: HanaEventKind, webhook: &HanaWebhook, raw_body: &[u8]) -> String {
     let mut hasher = Sha256::new();
     for part in [kind.event_name(), webhook.application_id.as_str()] {
         hasher.update(part.as_bytes());
@@ -619,12 +621,12 @@ mod tests {
             application_id: "app".to_owned(),
             ..Default::default()
         };
-        let a = dedupe_key(
+        let a = content_hash(
             HanaEventKind::LeadCreated,
             &webhook,
             br#"{"a":1,"b":{"c":[1,2]}}"#,
         );
-        let b = dedupe_key(
+        let b = content_hash(
             HanaEventKind::LeadCreated,
             &webhook,
             b"{ \"b\": {\"c\": [1, 2]}, \"a\": 1 }",
@@ -632,7 +634,7 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(
             a,
-            dedupe_key(
+            content_hash(
                 HanaEventKind::LeadUpdated,
                 &webhook,
                 br#"{"a":1,"b":{"c":[1,2]}}"#

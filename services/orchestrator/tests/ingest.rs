@@ -166,6 +166,77 @@ async fn updates_apply_in_arrival_order_across_groups(store: Store) -> TestResul
     Ok(())
 }
 
+/// The dedupe key a Hana event is stored under: its entity's id, then its content hash.
+async fn stored_dedupe_key(store: &Store, event_id: &str) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT dedupe_key FROM events WHERE id = $1")
+        .bind(event_id)
+        .fetch_one(store.pool())
+        .await
+}
+
+/// A redelivery is recognised in a later group, whether its event was stored under its entity's
+/// id and content hash (now) or under the content hash alone (before).
+async fn redeliveries_are_recognised_under_either_key(store: Store) -> TestResult {
+    let ingester =
+        Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
+    let created = call(HanaEventKind::LeadCreated, "lead-keys", "Created");
+    let first = ingester.ingest(created.clone()).await?;
+    let lead = queries::get_lead(
+        store.pool(),
+        &EntityKey::Remote {
+            system: System::Hana,
+            remote_id: "lead-keys".to_owned(),
+        },
+    )
+    .await?
+    .ok_or("the lead was not stored")?;
+    let key = stored_dedupe_key(&store, &first.event_id).await?;
+    let (entity_id, content_hash) = key.split_once(':').ok_or("a key without its entity")?;
+    assert_eq!(entity_id, lead.id);
+    assert_eq!(content_hash.len(), 64, "{key}");
+    let again = ingester.ingest(created.clone()).await?;
+    assert!(again.duplicate, "a redelivery in a later group");
+    assert_eq!(again.event_id, first.event_id);
+
+    // An update stored before keys named their entity: under its content hash alone.
+    let updated = call(HanaEventKind::LeadUpdated, "lead-keys", "Updated");
+    let earlier = ingester.ingest(updated.clone()).await?;
+    let key = stored_dedupe_key(&store, &earlier.event_id).await?;
+    let (_, content_hash) = key.split_once(':').ok_or("a key without its entity")?;
+    sqlx::query("UPDATE events SET dedupe_key = $1 WHERE id = $2")
+        .bind(content_hash)
+        .bind(&earlier.event_id)
+        .execute(store.pool())
+        .await?;
+    let before = queries::stats(store.pool()).await?;
+    let (redelivered, new_update) = tokio::join!(
+        ingester.ingest(updated),
+        ingester.ingest(call(HanaEventKind::LeadUpdated, "lead-keys", "Newer")),
+    );
+    let (redelivered, new_update) = (redelivered?, new_update?);
+    assert!(
+        redelivered.duplicate,
+        "an event stored under its hash alone"
+    );
+    assert_eq!(redelivered.event_id, earlier.event_id);
+    assert!(!new_update.duplicate);
+    let after = queries::stats(store.pool()).await?;
+    assert_eq!(
+        (
+            after.events - before.events,
+            after.duplicates - before.duplicates
+        ),
+        (1, 1)
+    );
+    let duplicate_count: i64 =
+        sqlx::query_scalar("SELECT duplicate_count FROM events WHERE id = $1")
+            .bind(&earlier.event_id)
+            .fetch_one(store.pool())
+            .await?;
+    assert_eq!(duplicate_count, 1);
+    Ok(())
+}
+
 #[tokio::test]
 async fn sqlite_groups_behave_like_single_commits() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -174,6 +245,7 @@ async fn sqlite_groups_behave_like_single_commits() -> TestResult {
     store.migrate().await?;
     calls_sharing_a_group(store.clone()).await?;
     hana_ids_are_found_under_each_application(store.clone()).await?;
+    redeliveries_are_recognised_under_either_key(store.clone()).await?;
     updates_apply_in_arrival_order_across_groups(store).await
 }
 
@@ -184,6 +256,7 @@ async fn postgres_groups_behave_like_single_commits() -> TestResult {
     store.migrate().await?;
     calls_sharing_a_group(store.clone()).await?;
     hana_ids_are_found_under_each_application(store.clone()).await?;
+    redeliveries_are_recognised_under_either_key(store.clone()).await?;
     updates_apply_in_arrival_order_across_groups(store.clone()).await?;
     store.close().await;
     database.drop_database().await

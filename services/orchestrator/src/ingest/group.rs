@@ -30,15 +30,30 @@ struct Accepted<'a> {
     call: &'a HanaCall,
     valid: ValidCall<'a>,
     event_id: String,
+    /// The key of the entity it changes (see [`source_key`]).
+    source_key: String,
+    /// The hash of its body that recognises a redelivery (see `ingest::dedupe_key`).
+    content_hash: &'a str,
+    /// The entity it changes, once resolved; empty before.
+    entity_id: String,
+    /// Whether that entity was stored before this group.
+    entity_was_stored: bool,
+    /// The key its event is stored under, once the entity is resolved: see [`dedupe_key`].
     dedupe_key: String,
     /// The jobs it implies, as routed.
     plan: &'a [routes::PlannedJob],
 }
 
-impl Accepted<'_> {
-    fn source_key(&self) -> String {
-        source_key(&self.valid.webhook.application_id, &self.valid.hana_id)
-    }
+/// The key a Hana event is stored under: the id of the entity it changes, then its content hash.
+///
+/// The hash alone would do, but it is random, so every event would land on a page of its own in
+/// the `(source, dedupe_key)` index: a 4 KiB write-ahead log frame per event, and a second write
+/// when the page is checkpointed. Entity ids are time-ordered, so the events of new and recent
+/// entities, which is most of Hana's traffic, go to the end of the index, many to a page. The
+/// content decides the entity (the body names the application and the Hana id), so a redelivery
+/// still gets the same key.
+fn dedupe_key(entity_id: &str, content_hash: &str) -> String {
+    format!("{entity_id}:{content_hash}")
 }
 
 /// Renders SQL the way each engine runs it fastest. Templates mark each parameter with `?` and
@@ -159,7 +174,7 @@ pub(super) async fn commit_group<T: GroupTransaction>(
                 Verdict::Accept {
                     kind,
                     hana_id,
-                    dedupe_key,
+                    content_hash,
                     plan,
                 },
                 Ok(webhook),
@@ -167,12 +182,16 @@ pub(super) async fn commit_group<T: GroupTransaction>(
                 plan,
                 index,
                 call: &checked.call,
+                source_key: source_key(&webhook.application_id, hana_id),
                 valid: ValidCall {
                     kind: *kind,
                     webhook,
                     hana_id: hana_id.clone(),
                 },
-                dedupe_key: dedupe_key.clone(),
+                content_hash: content_hash.as_str(),
+                entity_id: String::new(),
+                entity_was_stored: false,
+                dedupe_key: String::new(),
                 event_id: new_id("evt"),
             }),
             (Verdict::Quarantine(reason), _) | (Verdict::Accept { .. }, Err(reason)) => {
@@ -195,6 +214,37 @@ pub(super) async fn commit_group<T: GroupTransaction>(
             quarantined: true,
         });
     }
+
+    // The entities come first: an event's dedupe key names the entity it changes.
+    let (mut leads, mut deals) = (HashMap::new(), HashMap::new());
+    let keys_of = |entity_type| -> Vec<String> {
+        accepted
+            .iter()
+            .filter(|call| EntityType::of(call.valid.kind) == entity_type)
+            .map(|call| call.source_key.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    let (lead_keys, deal_keys) = (keys_of(EntityType::Lead), keys_of(EntityType::Deal));
+    resolve_entities::<Lead, T>(transaction, sql, &lead_keys, &mut leads).await?;
+    resolve_entities::<Deal, T>(transaction, sql, &deal_keys, &mut deals).await?;
+    for call in &mut accepted {
+        let resolved = match EntityType::of(call.valid.kind) {
+            EntityType::Lead => &leads,
+            EntityType::Deal => &deals,
+        };
+        let entity = resolved.get(&call.source_key).ok_or_else(|| {
+            IngestError::Store(StoreError::Corrupt(format!(
+                "the entity of {} was not resolved",
+                call.source_key
+            )))
+        })?;
+        call.entity_id = entity.id().to_owned();
+        call.entity_was_stored = matches!(entity, Resolved::Stored { .. });
+        call.dedupe_key = dedupe_key(&call.entity_id, call.content_hash);
+    }
+    keep_keys_of_earlier_events(transaction, sql, &mut accepted).await?;
 
     // The first call with each key may be new; any later one in the group is a redelivery.
     let mut seen_keys = HashSet::new();
@@ -241,12 +291,10 @@ pub(super) async fn commit_group<T: GroupTransaction>(
     let (lead_calls, deal_calls): (Vec<&Accepted<'_>>, Vec<&Accepted<'_>>) = fresh
         .iter()
         .partition(|call| EntityType::of(call.valid.kind) == EntityType::Lead);
-    let mut entity_ids =
-        apply_entities::<Lead, T>(transaction, sql, &lead_calls, &HashMap::new(), now).await?;
+    apply_entities::<Lead, T>(transaction, sql, &lead_calls, &leads, &HashMap::new(), now).await?;
     let contacts = contact_leads(transaction, sql, &deal_calls).await?;
-    entity_ids
-        .extend(apply_entities::<Deal, T>(transaction, sql, &deal_calls, &contacts, now).await?);
-    insert_jobs(transaction, sql, &fresh, &entity_ids, now).await?;
+    apply_entities::<Deal, T>(transaction, sql, &deal_calls, &deals, &contacts, now).await?;
+    insert_jobs(transaction, sql, &fresh, now).await?;
 
     for call in fresh {
         outcomes[call.index] = Some(IngestOutcome {
@@ -448,24 +496,33 @@ impl<'w> Encoded<'w> {
     }
 }
 
-/// Applies the group's events to their entities, in order, and writes each changed entity once.
-/// Returns the entity id of each call, by its position in the group.
-async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
+/// An entity a group's calls change, as found before their events are stored.
+enum Resolved {
+    /// Stored before the group: its id and encoded body.
+    Stored { id: String, body: Vec<u8> },
+    /// Created by the group, under this id.
+    New { id: String },
+}
+
+impl Resolved {
+    fn id(&self) -> &str {
+        match self {
+            Self::Stored { id, .. } | Self::New { id } => id,
+        }
+    }
+}
+
+/// Finds the stored entities of `E` under `keys` and gives every other key a new id; adds them
+/// to `resolved` by source key.
+async fn resolve_entities<E: CanonicalEntity, T: GroupTransaction>(
     transaction: &mut T,
     sql: Sql,
-    calls: &[&Accepted<'_>],
-    contacts: &HashMap<String, String>,
-    now: i64,
-) -> Result<HashMap<usize, String>, IngestError> {
-    if calls.is_empty() {
-        return Ok(HashMap::new());
+    keys: &[String],
+    resolved: &mut HashMap<String, Resolved>,
+) -> Result<(), IngestError> {
+    if keys.is_empty() {
+        return Ok(());
     }
-    let keys: Vec<String> = calls
-        .iter()
-        .map(|call| call.source_key())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
     // On Postgres the rows stay locked until commit, so replicas apply updates of one entity one
     // after the other instead of overwriting each other. SQLite has one writer.
     let lock = match sql.0 {
@@ -477,43 +534,114 @@ async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
         sql,
         &format!("SELECT source_key, id, body FROM {}", E::TABLE),
         lock,
-        &keys,
+        keys,
         &[Column::Text, Column::Text, Column::Blob],
     )
     .await?;
-    let mut stored: HashMap<String, (String, Vec<u8>)> = rows
-        .into_iter()
-        .filter_map(|row| {
-            let mut cells = row.into_iter();
-            let key = cells.next()?.into_text();
-            let id = cells.next()?.into_text();
-            let body = cells.next()?.into_blob();
-            Some((key, (id, body)))
-        })
-        .collect();
+    for row in rows {
+        let mut cells = row.into_iter();
+        if let (Some(key), Some(id), Some(body)) = (cells.next(), cells.next(), cells.next()) {
+            resolved.insert(
+                key.into_text(),
+                Resolved::Stored {
+                    id: id.into_text(),
+                    body: body.into_blob(),
+                },
+            );
+        }
+    }
+    for key in keys {
+        resolved
+            .entry(key.clone())
+            .or_insert_with(|| Resolved::New {
+                id: new_id(E::ID_PREFIX),
+            });
+    }
+    Ok(())
+}
 
-    let mut working: HashMap<String, Working<E>> = HashMap::new();
-    let mut entity_ids = HashMap::new();
+/// Events stored before dedupe keys named their entity are keyed by their content hash alone. A
+/// call on an entity stored before this group takes that key when an event holds it, so that a
+/// redelivery of such an event is still answered as a duplicate. (An entity the group creates
+/// has no events yet: its calls need no look-up.)
+async fn keep_keys_of_earlier_events<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
+    accepted: &mut [Accepted<'_>],
+) -> Result<(), IngestError> {
+    let hashes: Vec<&str> = accepted
+        .iter()
+        .filter(|call| call.entity_was_stored)
+        .map(|call| call.content_hash)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let statement = Repeated {
+        head: "SELECT dedupe_key FROM events WHERE source = 'hana' AND dedupe_key IN (",
+        row: "?",
+        tail: ")",
+    };
+    let found: HashSet<String> = for_rows(
+        transaction,
+        sql,
+        &statement,
+        &hashes,
+        &[Column::Text],
+        |hash, params| params.push(Param::Text(hash)),
+    )
+    .await?
+    .into_iter()
+    .flatten()
+    .map(Cell::into_text)
+    .collect();
+    for call in accepted {
+        if call.entity_was_stored && found.contains(call.content_hash) {
+            call.dedupe_key = call.content_hash.to_owned();
+        }
+    }
+    Ok(())
+}
+
+/// Applies the group's events to their `resolved` entities, in order, and writes each changed
+/// entity once.
+async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
+    calls: &[&Accepted<'_>],
+    resolved: &HashMap<String, Resolved>,
+    contacts: &HashMap<String, String>,
+    now: i64,
+) -> Result<(), IngestError> {
+    let mut working: HashMap<&str, Working<E>> = HashMap::new();
     for call in calls {
-        let key = call.source_key();
-        let entry = working
-            .entry(key)
-            .or_insert_with_key(|key| match stored.remove(key) {
-                Some((id, body)) => Working {
-                    id,
-                    source_key: key.clone(),
+        let key = call.source_key.as_str();
+        if !working.contains_key(key) {
+            let entity = match resolved.get(key) {
+                Some(Resolved::Stored { id, body }) => Working {
+                    id: id.clone(),
+                    source_key: key.to_owned(),
                     hana_id: call.valid.hana_id.clone(),
                     entity: E::decode(body.as_slice()).unwrap_or_default(),
                     is_new: false,
                 },
-                None => Working {
-                    id: new_id(E::ID_PREFIX),
-                    source_key: key.clone(),
+                Some(Resolved::New { id }) => Working {
+                    id: id.clone(),
+                    source_key: key.to_owned(),
                     hana_id: call.valid.hana_id.clone(),
                     entity: E::default(),
                     is_new: true,
                 },
-            });
+                None => {
+                    return Err(IngestError::Store(StoreError::Corrupt(format!(
+                        "the entity of {key} was not resolved"
+                    ))));
+                }
+            };
+            working.insert(key, entity);
+        }
+        let Some(entry) = working.get_mut(key) else {
+            continue;
+        };
         let contact_key = source_key(
             &call.valid.webhook.application_id,
             &mapping::hana_id(&call.valid.webhook.lead),
@@ -527,7 +655,6 @@ async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
             contact_lead_id: contacts.get(&contact_key).map(String::as_str),
             now,
         });
-        entity_ids.insert(call.index, entry.id.clone());
     }
 
     let (mut new, mut existing) = (Vec::new(), Vec::new());
@@ -562,7 +689,7 @@ async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
         params.push(Param::Text(entity.id));
         transaction.execute(&update, &params).await?;
     }
-    Ok(entity_ids)
+    Ok(())
 }
 
 /// Inserts new entities and their Hana links. Another replica inserting one of them first is a
@@ -661,19 +788,15 @@ async fn insert_jobs<T: GroupTransaction>(
     transaction: &mut T,
     sql: Sql,
     fresh: &[&Accepted<'_>],
-    entity_ids: &HashMap<usize, String>,
     now: i64,
 ) -> Result<(), IngestError> {
     let mut jobs = Vec::new();
     for call in fresh {
-        let Some(entity_id) = entity_ids.get(&call.index) else {
-            continue;
-        };
         for planned in call.plan.iter().copied() {
             jobs.push(NewJob {
                 id: new_id("job"),
                 call,
-                entity_id,
+                entity_id: &call.entity_id,
                 planned,
             });
         }
