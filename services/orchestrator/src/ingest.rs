@@ -34,8 +34,9 @@ use crate::{
 /// Most calls committed in one transaction.
 const MAX_GROUP: usize = 256;
 
-/// Calls waiting for the writer; senders wait when it is full (back-pressure).
-const QUEUE_DEPTH: usize = 4096;
+/// Batches of calls waiting for the writer; senders wait when it is full (back-pressure). A
+/// batch holds at most [`MAX_GROUP`] calls.
+const QUEUE_DEPTH: usize = 256;
 
 /// One Hana webhook call as the gateway received it.
 #[derive(Clone, Debug)]
@@ -95,7 +96,7 @@ pub struct IngestPolicy {
 /// The group-commit writer's handle.
 #[derive(Clone, Debug)]
 pub struct Ingester {
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<Vec<Pending>>,
     policy: std::sync::Arc<IngestPolicy>,
     store: Store,
 }
@@ -198,19 +199,30 @@ impl Ingester {
         &self,
         calls: Vec<HanaCall>,
     ) -> Vec<Result<IngestOutcome, IngestError>> {
+        // The calls enter the queue together, so that the writer never takes part of them into
+        // one group and leaves the rest to the next: they would all wait for the second group.
         let mut answers = Vec::with_capacity(calls.len());
-        for call in calls {
-            let (reply, answer) = oneshot::channel();
-            let checked = CheckedCall::new(call, &self.policy);
-            let queued = self.queue.send(Pending { checked, reply }).await;
-            answers.push(queued.map(|()| answer));
+        let mut batches = Vec::new();
+        let mut calls = calls.into_iter().peekable();
+        while calls.peek().is_some() {
+            let mut batch = Vec::with_capacity(MAX_GROUP.min(calls.len()));
+            for call in calls.by_ref().take(MAX_GROUP) {
+                let (reply, answer) = oneshot::channel();
+                let checked = CheckedCall::new(call, &self.policy);
+                batch.push(Pending { checked, reply });
+                answers.push(answer);
+            }
+            batches.push(batch);
+        }
+        for batch in batches {
+            // A send fails only when the writer has stopped; the answers then say so.
+            if self.queue.send(batch).await.is_err() {
+                break;
+            }
         }
         let mut outcomes = Vec::with_capacity(answers.len());
         for answer in answers {
-            let outcome = match answer {
-                Ok(answer) => answer.await.unwrap_or(Err(IngestError::Stopped)),
-                Err(_) => Err(IngestError::Stopped),
-            };
+            let outcome = answer.await.unwrap_or(Err(IngestError::Stopped));
             outcomes.push(outcome);
         }
         let queued_jobs = outcomes.iter().any(
@@ -417,9 +429,29 @@ impl WriteAheadLog {
     }
 }
 
-async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receiver<Pending>) {
+async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receiver<Vec<Pending>>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
-    while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
+    // A batch that did not fit into the last group starts the next one.
+    let mut held_over: Option<Vec<Pending>> = None;
+    loop {
+        let first = match held_over.take() {
+            Some(batch) => batch,
+            None => match receiver.recv().await {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
+        group.extend(first);
+        while group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(batch) if group.len() + batch.len() <= MAX_GROUP => group.extend(batch),
+                Ok(batch) => {
+                    held_over = Some(batch);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
         let calls: Vec<&CheckedCall> = group.iter().map(|pending| &pending.checked).collect();
         let answers: Vec<Answer> = match committer.commit(&calls).await {
             Ok(outcomes) => group
@@ -658,6 +690,56 @@ mod tests {
             duplicate: false,
             quarantined: false,
         }
+    }
+
+    /// Records the size of each group it is asked to commit.
+    struct RecordingCommitter(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl Committer for RecordingCommitter {
+        async fn commit_once(
+            &mut self,
+            calls: &[&CheckedCall],
+        ) -> Result<Vec<IngestOutcome>, IngestError> {
+            if let Ok(mut sizes) = self.0.lock() {
+                sizes.push(calls.len());
+            }
+            Ok(calls.iter().map(|_| outcome("evt")).collect())
+        }
+    }
+
+    fn pending_batch(calls: usize) -> Vec<Pending> {
+        (0..calls)
+            .map(|_| Pending {
+                checked: CheckedCall::new(
+                    HanaCall {
+                        kind: HanaEventKind::LeadCreated,
+                        body: Err("not JSON".to_owned()),
+                        raw_body: b"{".to_vec(),
+                        received_at_ms: 0,
+                        trace_context: None,
+                    },
+                    &IngestPolicy::default(),
+                ),
+                reply: oneshot::channel().0,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_never_split_between_groups() {
+        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        for calls in [200, 100, 56, 30] {
+            queue
+                .send(pending_batch(calls))
+                .await
+                .expect("the queue has room");
+        }
+        drop(queue);
+        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        write_groups(RecordingCommitter(sizes.clone()), receiver).await;
+        // 200 and 100 calls do not fit in one group (256): the 100 start the next group, which
+        // the 56 and the 30 join.
+        assert_eq!(*sizes.lock().expect("sizes"), vec![200, 186]);
     }
 
     #[test]

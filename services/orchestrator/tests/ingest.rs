@@ -135,8 +135,8 @@ async fn hana_ids_are_found_under_each_application(store: Store) -> TestResult {
 }
 
 /// Updates of one lead queued one after another apply in that order, however the writer cuts
-/// them into groups. Each round is usually cut at least once: 300 calls take longer to queue
-/// than the first group takes to start.
+/// them into groups. Each round is cut at least once: 300 calls are more than one group holds
+/// (256), so they enter the writer's queue as two batches and commit in two groups.
 async fn updates_apply_in_arrival_order_across_groups(store: Store) -> TestResult {
     let ingester =
         Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
