@@ -32,7 +32,7 @@ struct Accepted<'a> {
     event_id: String,
     /// The key of the entity it changes (see [`source_key`]).
     source_key: String,
-    /// The hash of its body that recognises a redelivery (see `ingest::dedupe_key`).
+    /// The hash of its body that recognises a redelivery (see `ingest::content_hash`).
     content_hash: &'a str,
     /// The entity it changes, once resolved; empty before.
     entity_id: String,
