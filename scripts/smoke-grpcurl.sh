@@ -27,7 +27,8 @@ trap cleanup EXIT
 # The default ports of the operator contract, as the README session uses them. They lie in
 # Linux's ephemeral range (32768-60999), so right after the test suite's thousands of connections
 # one of them may still be the local end of a closing connection: start-up then fails with
-# "Address already in use", and is tried again a few times.
+# "Address already in use", and is tried again a few times. (.ci/run reserves these ports first
+# where it runs as root.)
 start_up() {
   (cd "$workdir" && exec "$leadrelay" up) >"$log" 2>&1 &
   pid=$!
