@@ -5,7 +5,7 @@
 //! at a time (see [`Sql::chunks`]).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     ops::Range,
 };
 
@@ -148,6 +148,15 @@ where
     Ok(returned)
 }
 
+/// Each of `items` once, in no particular order: the keys a statement looks up or inserts.
+fn distinct<T: Eq + std::hash::Hash>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    items
+        .into_iter()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Pairs of text cells, as `(first, second)`.
 fn text_pairs(rows: Vec<Vec<Cell>>) -> impl Iterator<Item = (String, String)> {
     rows.into_iter().filter_map(|row| {
@@ -218,13 +227,12 @@ pub(super) async fn commit_group<T: GroupTransaction>(
     // The entities come first: an event's dedupe key names the entity it changes.
     let (mut leads, mut deals) = (HashMap::new(), HashMap::new());
     let keys_of = |entity_type| -> Vec<String> {
-        accepted
-            .iter()
-            .filter(|call| EntityType::of(call.valid.kind) == entity_type)
-            .map(|call| call.source_key.clone())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect()
+        distinct(
+            accepted
+                .iter()
+                .filter(|call| EntityType::of(call.valid.kind) == entity_type)
+                .map(|call| call.source_key.clone()),
+        )
     };
     let (lead_keys, deal_keys) = (keys_of(EntityType::Lead), keys_of(EntityType::Deal));
     resolve_entities::<Lead, T>(transaction, sql, &lead_keys, &mut leads).await?;
@@ -234,12 +242,7 @@ pub(super) async fn commit_group<T: GroupTransaction>(
             EntityType::Lead => &leads,
             EntityType::Deal => &deals,
         };
-        let entity = resolved.get(&call.source_key).ok_or_else(|| {
-            IngestError::Store(StoreError::Corrupt(format!(
-                "the entity of {} was not resolved",
-                call.source_key
-            )))
-        })?;
+        let entity = resolved_entity(resolved, &call.source_key)?;
         call.entity_id = entity.id().to_owned();
         call.entity_was_stored = matches!(entity, Resolved::Stored { .. });
         call.dedupe_key = dedupe_key(&call.entity_id, call.content_hash);
@@ -385,12 +388,11 @@ async fn insert_applications<T: GroupTransaction>(
     sql: Sql,
     fresh: &[&Accepted<'_>],
 ) -> Result<(), IngestError> {
-    let applications: Vec<&str> = fresh
-        .iter()
-        .map(|call| call.valid.webhook.application_id.as_str())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let applications = distinct(
+        fresh
+            .iter()
+            .map(|call| call.valid.webhook.application_id.as_str()),
+    );
     let statement = Repeated {
         head: "INSERT INTO hana_applications (application_id) VALUES",
         row: "(?)",
@@ -443,15 +445,10 @@ async fn contact_leads<T: GroupTransaction>(
     sql: Sql,
     deal_calls: &[&Accepted<'_>],
 ) -> Result<HashMap<String, String>, IngestError> {
-    let keys: Vec<String> = deal_calls
-        .iter()
-        .filter_map(|call| {
-            let hana_id = mapping::hana_id(&call.valid.webhook.lead);
-            (!hana_id.is_empty()).then(|| source_key(&call.valid.webhook.application_id, &hana_id))
-        })
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let keys = distinct(deal_calls.iter().filter_map(|call| {
+        let hana_id = mapping::hana_id(&call.valid.webhook.lead);
+        (!hana_id.is_empty()).then(|| source_key(&call.valid.webhook.application_id, &hana_id))
+    }));
     let rows = select_by_source_keys(
         transaction,
         sql,
@@ -512,6 +509,18 @@ impl Resolved {
     }
 }
 
+/// The entity resolved under `source_key`; every accepted call's key is resolved before use.
+fn resolved_entity<'r>(
+    resolved: &'r HashMap<String, Resolved>,
+    source_key: &str,
+) -> Result<&'r Resolved, IngestError> {
+    resolved.get(source_key).ok_or_else(|| {
+        IngestError::Store(StoreError::Corrupt(format!(
+            "the entity of {source_key} was not resolved"
+        )))
+    })
+}
+
 /// Finds the stored entities of `E` under `keys` and gives every other key a new id; adds them
 /// to `resolved` by source key.
 async fn resolve_entities<E: CanonicalEntity, T: GroupTransaction>(
@@ -569,13 +578,12 @@ async fn keep_keys_of_earlier_events<T: GroupTransaction>(
     sql: Sql,
     accepted: &mut [Accepted<'_>],
 ) -> Result<(), IngestError> {
-    let hashes: Vec<&str> = accepted
-        .iter()
-        .filter(|call| call.entity_was_stored)
-        .map(|call| call.content_hash)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let hashes = distinct(
+        accepted
+            .iter()
+            .filter(|call| call.entity_was_stored)
+            .map(|call| call.content_hash),
+    );
     let statement = Repeated {
         head: "SELECT dedupe_key FROM events WHERE source = 'hana' AND dedupe_key IN (",
         row: "?",
@@ -615,32 +623,23 @@ async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
     let mut working: HashMap<&str, Working<E>> = HashMap::new();
     for call in calls {
         let key = call.source_key.as_str();
-        if !working.contains_key(key) {
-            let entity = match resolved.get(key) {
-                Some(Resolved::Stored { id, body }) => Working {
+        let entry = match working.entry(key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(slot) => {
+                let (id, entity, is_new) = match resolved_entity(resolved, key)? {
+                    Resolved::Stored { id, body } => {
+                        (id, E::decode(body.as_slice()).unwrap_or_default(), false)
+                    }
+                    Resolved::New { id } => (id, E::default(), true),
+                };
+                slot.insert(Working {
                     id: id.clone(),
                     source_key: key.to_owned(),
                     hana_id: call.valid.hana_id.clone(),
-                    entity: E::decode(body.as_slice()).unwrap_or_default(),
-                    is_new: false,
-                },
-                Some(Resolved::New { id }) => Working {
-                    id: id.clone(),
-                    source_key: key.to_owned(),
-                    hana_id: call.valid.hana_id.clone(),
-                    entity: E::default(),
-                    is_new: true,
-                },
-                None => {
-                    return Err(IngestError::Store(StoreError::Corrupt(format!(
-                        "the entity of {key} was not resolved"
-                    ))));
-                }
-            };
-            working.insert(key, entity);
-        }
-        let Some(entry) = working.get_mut(key) else {
-            continue;
+                    entity,
+                    is_new,
+                })
+            }
         };
         let contact_key = source_key(
             &call.valid.webhook.application_id,
