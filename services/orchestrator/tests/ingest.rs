@@ -1,13 +1,13 @@
 //! The group-commit writer: calls that share a group behave exactly as if committed one by one.
 
 use leadrelay_orchestrator::{
-    IngestPolicy, Store,
+    IngestPolicy, Store, StoreError,
     ingest::{HanaCall, Ingester},
     queries::{self, EntityKey},
 };
 use leadrelay_proto::{
     json::to_proto_value,
-    v1::{HanaEventKind, HanaWebhook, RawAttribute, System},
+    v1::{HanaEventKind, HanaWebhook, Lead, RawAttribute, System},
 };
 use leadrelay_runtime::config::DatabaseUrl;
 use leadrelay_testkit::TestDatabase;
@@ -43,6 +43,15 @@ fn call_in(application_id: &str, kind: HanaEventKind, lead_id: &str, name: &str)
     }
 }
 
+/// The lead created from the Hana lead `hana_id`, if any.
+async fn lead_by_hana_id(store: &Store, hana_id: &str) -> Result<Option<Lead>, StoreError> {
+    let key = EntityKey::Remote {
+        system: System::Hana,
+        remote_id: hana_id.to_owned(),
+    };
+    queries::get_lead(store.pool(), &key).await
+}
+
 async fn calls_sharing_a_group(store: Store) -> TestResult {
     let ingester =
         Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
@@ -70,15 +79,9 @@ async fn calls_sharing_a_group(store: Store) -> TestResult {
     assert!(!renamed?.duplicate && !renamed_again?.duplicate);
     assert!(broken?.quarantined);
 
-    let lead = queries::get_lead(
-        store.pool(),
-        &EntityKey::Remote {
-            system: System::Hana,
-            remote_id: "lead-a".to_owned(),
-        },
-    )
-    .await?
-    .ok_or("lead-a was not stored")?;
+    let lead = lead_by_hana_id(&store, "lead-a")
+        .await?
+        .ok_or("lead-a was not stored")?;
     assert_eq!(
         lead.name, "Third",
         "events for one entity apply in arrival order"
@@ -116,21 +119,18 @@ async fn hana_ids_are_found_under_each_application(store: Store) -> TestResult {
             .await?;
         assert!(!outcome.duplicate && !outcome.quarantined);
     }
-    let name_of = |remote_id: &str| {
-        let key = EntityKey::Remote {
-            system: System::Hana,
-            remote_id: remote_id.to_owned(),
-        };
-        let pool = store.pool().clone();
-        async move {
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                queries::get_lead(&pool, &key).await?.map(|lead| lead.name),
-            )
-        }
-    };
-    assert_eq!(name_of("shared").await?.as_deref(), Some("One"));
-    assert_eq!(name_of("only-two").await?.as_deref(), Some("Only"));
-    assert_eq!(name_of("missing").await?, None);
+    for (hana_id, name) in [
+        ("shared", Some("One")),
+        ("only-two", Some("Only")),
+        ("missing", None),
+    ] {
+        let lead = lead_by_hana_id(&store, hana_id).await?;
+        assert_eq!(
+            lead.as_ref().map(|lead| lead.name.as_str()),
+            name,
+            "{hana_id}"
+        );
+    }
     Ok(())
 }
 
@@ -152,15 +152,9 @@ async fn updates_apply_in_arrival_order_across_groups(store: Store) -> TestResul
             let outcome = outcome?;
             assert!(!outcome.duplicate && !outcome.quarantined);
         }
-        let lead = queries::get_lead(
-            store.pool(),
-            &EntityKey::Remote {
-                system: System::Hana,
-                remote_id: lead_id.clone(),
-            },
-        )
-        .await?
-        .ok_or("the lead was not stored")?;
+        let lead = lead_by_hana_id(&store, &lead_id)
+            .await?
+            .ok_or("the lead was not stored")?;
         assert_eq!(lead.name, "v299", "{lead_id}");
     }
     Ok(())
@@ -181,15 +175,9 @@ async fn redeliveries_are_recognised_under_either_key(store: Store) -> TestResul
         Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
     let created = call(HanaEventKind::LeadCreated, "lead-keys", "Created");
     let first = ingester.ingest(created.clone()).await?;
-    let lead = queries::get_lead(
-        store.pool(),
-        &EntityKey::Remote {
-            system: System::Hana,
-            remote_id: "lead-keys".to_owned(),
-        },
-    )
-    .await?
-    .ok_or("the lead was not stored")?;
+    let lead = lead_by_hana_id(&store, "lead-keys")
+        .await?
+        .ok_or("the lead was not stored")?;
     let key = stored_dedupe_key(&store, &first.event_id).await?;
     let (entity_id, content_hash) = key.split_once(':').ok_or("a key without its entity")?;
     assert_eq!(entity_id, lead.id);
