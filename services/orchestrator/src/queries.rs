@@ -85,7 +85,7 @@ async fn get_entity<E: CanonicalEntity>(
     pool: &AnyPool,
     key: &EntityKey,
 ) -> Result<Option<E>, StoreError> {
-    let Some(id) = resolve(pool, E::ENTITY_TYPE, E::TABLE, key).await? else {
+    let Some(id) = resolve::<E>(pool, key).await? else {
         return Ok(None);
     };
     let body: Option<Vec<u8>> =
@@ -105,10 +105,9 @@ pub(crate) const ENTITY_BY_REMOTE_ID: &str = "SELECT entity_id FROM links \
      WHERE entity_type = $1 AND system = $2 AND remote_id = $3 AND system <> 'hana' \
      ORDER BY linked_at LIMIT 1";
 
-async fn resolve(
+/// The id of the entity of kind `E` that `key` names, if any.
+async fn resolve<E: CanonicalEntity>(
     pool: &AnyPool,
-    entity_type: EntityType,
-    table: &str,
     key: &EntityKey,
 ) -> Result<Option<String>, StoreError> {
     match key {
@@ -131,7 +130,8 @@ async fn resolve(
                 .collect();
             // Ids are time-ordered: they break a tie within one millisecond.
             let select = format!(
-                "SELECT id FROM {table} WHERE source_key IN ({}) ORDER BY created_at, id LIMIT 1",
+                "SELECT id FROM {} WHERE source_key IN ({}) ORDER BY created_at, id LIMIT 1",
+                E::TABLE,
                 placeholders.join(", ")
             );
             let mut query = sqlx::query_scalar(&select);
@@ -141,7 +141,7 @@ async fn resolve(
             Ok(query.fetch_optional(pool).await?)
         }
         EntityKey::Remote { system, remote_id } => Ok(sqlx::query_scalar(ENTITY_BY_REMOTE_ID)
-            .bind(entity_type.as_str())
+            .bind(E::ENTITY_TYPE.as_str())
             .bind(system_name(*system))
             .bind(remote_id)
             .fetch_optional(pool)
