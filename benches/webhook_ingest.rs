@@ -44,11 +44,23 @@ struct Measurement {
     errors: u64,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// CPU time this process spent during the run, load generator included; `None` where
+    /// `/proc/self/stat` cannot be read.
+    cpu: Option<Duration>,
 }
 
 impl Measurement {
     fn throughput(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// CPU time per answered request, in microseconds: steadier than req/s on a machine whose
+    /// speed drifts, and what a change to the work per webhook moves.
+    fn cpu_us_per_request(&self) -> f64 {
+        match self.cpu {
+            Some(cpu) if self.requests > 0 => cpu.as_secs_f64() * 1e6 / self.requests as f64,
+            _ => f64::NAN,
+        }
     }
 
     fn percentile_ms(&self, percentile: f64) -> f64 {
@@ -65,6 +77,19 @@ fn env_number(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(default)
+}
+
+/// CPU time this process has used (user and system, every thread), from `/proc/self/stat`.
+/// Its fields 14 and 15 count clock ticks of 1/100 s (Linux's `USER_HZ` on every architecture it
+/// runs these benches on).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold blanks: count after it.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
 }
 
 /// A Hana-shaped lead id, distinct for every `sequence`. Hana's ids are random UUIDs (the seed's
@@ -106,6 +131,7 @@ async fn load(
     duration: Duration,
     sequence: Arc<AtomicU64>,
 ) -> Result<Measurement, Error> {
+    let cpu_before = process_cpu();
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::with_capacity(connections);
@@ -148,12 +174,16 @@ async fn load(
         errors += task_errors;
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_before
+        .zip(process_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
     latencies_us.sort_unstable();
     Ok(Measurement {
         requests: latencies_us.len() as u64,
         errors,
         elapsed,
         latencies_us,
+        cpu,
     })
 }
 
@@ -249,6 +279,9 @@ impl Target {
 
     async fn measure_round(&mut self, connections: usize, duration: Duration) -> Result<(), Error> {
         let round = load(&self.url, connections, duration, self.sequence.clone()).await?;
+        if let Some(spent) = round.cpu {
+            self.measured.cpu = Some(self.measured.cpu.unwrap_or_default() + spent);
+        }
         self.per_round.push(round.throughput());
         self.measured.requests += round.requests;
         self.measured.errors += round.errors;
@@ -260,10 +293,11 @@ impl Target {
 
 fn row(label: &str, measurement: &Measurement, baseline: f64, spread: &str) {
     println!(
-        "{label:<34} {:>9.0} {:>8.2} {:>8.2} {:>7} {:>9.1}% {spread:>17}",
+        "{label:<34} {:>9.0} {:>8.2} {:>8.2} {:>10.0} {:>7} {:>9.1}% {spread:>17}",
         measurement.throughput(),
         measurement.percentile_ms(0.50),
         measurement.percentile_ms(0.99),
+        measurement.cpu_us_per_request(),
         measurement.errors,
         100.0 * measurement.throughput() / baseline
     );
@@ -320,8 +354,15 @@ async fn main() -> Result<(), Error> {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
-        "{:<34} {:>9} {:>8} {:>8} {:>7} {:>10} {:>17}",
-        "target", "req/s", "p50 ms", "p99 ms", "errors", "of bare", "of bare per turn"
+        "{:<34} {:>9} {:>8} {:>8} {:>10} {:>7} {:>10} {:>17}",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU µs/req",
+        "errors",
+        "of bare",
+        "of bare per turn"
     );
     let (bare, others) = targets.split_first_mut().ok_or("no bare target")?;
     bare.measured.latencies_us.sort_unstable();
