@@ -27,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // The webhook body as received: `Bytes`, so the gateway hands over the buffer it read
+        // instead of copying it, and keeps it for a resend at the cost of a reference count.
+        .bytes(".leadrelay.v1.IngestHanaEventRequest.raw_body")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use axum::body::Bytes;
 use leadrelay_proto::v1::{
     IngestHanaEventRequest, IngestHanaEventResponse, IngestHanaEventsRequest,
     ingest_hana_event_result::Result as CallResult,
@@ -31,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tonic::{Code, Status};
 use tracing::Instrument as _;
 
-use crate::INGEST_DEADLINE;
+use crate::{INGEST_DEADLINE, webhooks::hana_ingest_request};
 
 /// Batches on their way at once. While all of them are, calls wait and then go together.
 const SLOTS: usize = 4;
@@ -181,8 +182,9 @@ impl Orchestrator {
         for call in &calls {
             link_trace(&span, &call.traceparent);
         }
-        // Kept until the answer, to be sent again one by one if the batch is refused.
-        let kept = calls.clone();
+        // Kept until the answer, to be sent again one by one if the batch is refused: what the
+        // calls were made of, not the calls, whose parsed bodies are the costly part to copy.
+        let kept: Vec<Resend> = calls.iter().map(Resend::of).collect();
         let mut request = tonic::Request::new(IngestHanaEventsRequest { calls });
         request.set_timeout(deadline(oldest));
         let answer = self
@@ -218,11 +220,14 @@ impl Orchestrator {
                 let resent = kept
                     .into_iter()
                     .zip(replies)
-                    .map(|(call, reply)| Queued {
-                        bytes: call.encoded_len(),
-                        call,
-                        queued_at: oldest,
-                        reply,
+                    .map(|(kept, reply)| {
+                        let call = kept.into_call();
+                        Queued {
+                            bytes: call.encoded_len(),
+                            call,
+                            queued_at: oldest,
+                            reply,
+                        }
                     })
                     .collect();
                 self.send_one_by_one(resent).await;
@@ -253,6 +258,31 @@ impl Orchestrator {
             });
         }
         while calls.join_next().await.is_some() {}
+    }
+}
+
+/// What a call of a batch is made again from when the orchestrator refuses the batch: the body
+/// as received (a shared buffer, not a copy) and what the webhook's handler added to it.
+struct Resend {
+    kind: i32,
+    raw_body: Bytes,
+    received_at: Option<prost_types::Timestamp>,
+    traceparent: String,
+}
+
+impl Resend {
+    fn of(call: &IngestHanaEventRequest) -> Self {
+        Self {
+            kind: call.kind,
+            raw_body: call.raw_body.clone(),
+            received_at: call.received_at,
+            traceparent: call.traceparent.clone(),
+        }
+    }
+
+    /// The call again, its body parsed again: parsing is a function of the body alone.
+    fn into_call(self) -> IngestHanaEventRequest {
+        hana_ingest_request(self.kind, self.raw_body, self.received_at, self.traceparent)
     }
 }
 

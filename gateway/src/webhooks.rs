@@ -136,28 +136,42 @@ async fn hana_call(
         })?,
     };
     let raw_body = read_body(body)?;
-    // An unparseable body is still stored (in quarantine, with the reason) and acknowledged.
-    let parsed = match parse_hana_body(&raw_body) {
-        Ok(webhook) => Body::Webhook(webhook),
-        Err(error) => Body::Unparsed(UnparsedBody {
-            reason: error.to_string(),
-        }),
-    };
-
-    let call = IngestHanaEventRequest {
-        kind: kind.into(),
-        raw_body: raw_body.to_vec(),
-        body: Some(parsed),
-        received_at: Some(SystemTime::now().into()),
+    let call = hana_ingest_request(
+        kind.into(),
+        raw_body,
+        Some(SystemTime::now().into()),
         // The call travels in a batch: its storing joins this webhook's trace through this.
-        traceparent: current_traceparent().unwrap_or_default(),
-    };
+        current_traceparent().unwrap_or_default(),
+    );
     let answer = state
         .hana_batches
         .ingest(call)
         .await
         .map_err(|status| GatewayError::from_ingest_status(&status))?;
     Ok(Accepted::new(answer.event_id, answer.duplicate))
+}
+
+/// The orchestrator call for a Hana webhook: the body parsed, and kept exactly as received. An
+/// unparseable body is still stored (in quarantine, with the reason) and acknowledged.
+pub(crate) fn hana_ingest_request(
+    kind: i32,
+    raw_body: Bytes,
+    received_at: Option<prost_types::Timestamp>,
+    traceparent: String,
+) -> IngestHanaEventRequest {
+    let parsed = match parse_hana_body(&raw_body) {
+        Ok(webhook) => Body::Webhook(webhook),
+        Err(error) => Body::Unparsed(UnparsedBody {
+            reason: error.to_string(),
+        }),
+    };
+    IngestHanaEventRequest {
+        kind,
+        raw_body,
+        body: Some(parsed),
+        received_at,
+        traceparent,
+    }
 }
 
 /// `POST /webhooks/pipedrive`.

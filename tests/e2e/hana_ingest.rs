@@ -509,11 +509,19 @@ async fn an_orchestrator_without_batches_still_gets_every_call() -> TestResult {
     for n in 0..30 {
         let http = http.clone();
         let url = format!("http://{gateway_addr}/webhooks/hana/lead.created?token=old-token");
-        let body = json!({
-            "application": {"id": APP_ID},
-            "lead": {"id": {"nomalizeData": format!("old-{n}"), "rawData": format!("old-{n}")}}
-        })
-        .to_string();
+        // The 30th body is not JSON: resent, it must still reach quarantine as it was sent.
+        let body = if n == 29 {
+            "{\"lead\": ".to_owned()
+        } else {
+            json!({
+                "application": {"id": APP_ID},
+                "lead": {
+                    "id": {"nomalizeData": format!("old-{n}"), "rawData": format!("old-{n}")},
+                    "baseName": {"nomalizeData": format!("Old {n}"), "rawData": format!("Old {n}")}
+                }
+            })
+            .to_string()
+        };
         posts.spawn(async move {
             let answer = http.post(url).body(body).send().await?;
             Ok::<_, Error>((answer.status().as_u16(), answer.text().await?))
@@ -532,7 +540,33 @@ async fn an_orchestrator_without_batches_still_gets_every_call() -> TestResult {
         .get_stats(tonic::Request::new(GetStatsRequest {}))
         .await?
         .into_inner();
-    assert_eq!(stats.events_total, 30);
+    assert_eq!((stats.events_total, stats.quarantined_total), (29, 1));
+    // Each call is sent again as it came in, not as any other call of the batch.
+    for n in 0..29 {
+        let lead = orchestrator
+            .get_lead(tonic::Request::new(GetLeadRequest {
+                key: Some(get_lead_request::Key::Remote(remote(&format!("old-{n}")))),
+            }))
+            .await?
+            .into_inner()
+            .lead
+            .ok_or("no lead")?;
+        assert_eq!(lead.name, format!("Old {n}"));
+    }
+    let quarantined = orchestrator
+        .list_quarantined(tonic::Request::new(ListQuarantinedRequest {
+            page_size: 1,
+            page_token: String::new(),
+        }))
+        .await?
+        .into_inner();
+    let call = quarantined.calls.first().ok_or("nothing quarantined")?;
+    assert_eq!(call.raw_body, b"{\"lead\": ");
+    assert!(
+        call.reason.starts_with("the body is not valid JSON"),
+        "{}",
+        call.reason
+    );
     shutdown.cancel();
     Ok(())
 }

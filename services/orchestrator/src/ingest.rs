@@ -46,7 +46,7 @@ pub struct HanaCall {
     /// The parsed body, or why it could not be parsed.
     pub body: Result<HanaWebhook, String>,
     /// The body exactly as received.
-    pub raw_body: Vec<u8>,
+    pub raw_body: prost::bytes::Bytes,
     /// When the gateway received it, unix milliseconds.
     pub received_at_ms: i64,
     /// The W3C `traceparent` of the call, saved with the event and its jobs.
@@ -714,7 +714,7 @@ mod tests {
                     HanaCall {
                         kind: HanaEventKind::LeadCreated,
                         body: Err("not JSON".to_owned()),
-                        raw_body: b"{".to_vec(),
+                        raw_body: prost::bytes::Bytes::from_static(b"{"),
                         received_at_ms: 0,
                         trace_context: None,
                     },

@@ -37,7 +37,7 @@ fn call_in(application_id: &str, kind: HanaEventKind, lead_id: &str, name: &str)
     HanaCall {
         kind,
         body: Ok(webhook),
-        raw_body: raw_body.into_bytes(),
+        raw_body: raw_body.into_bytes().into(),
         received_at_ms: 1_700_000_000_000,
         trace_context: None,
     }
