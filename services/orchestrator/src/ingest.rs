@@ -14,17 +14,20 @@
 //! an fsync (about 65% of a group's time when the writer waited for it).
 
 mod checkpoint;
+mod content_hash;
 mod group;
 mod sql;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::sql::SqliteError;
-use self::sql::{PooledTransaction, SqliteTransaction};
+use self::{
+    content_hash::content_hash,
+    sql::{PooledTransaction, SqliteTransaction},
+};
 use crate::{
     mapping,
     routes::EntityType,
@@ -536,86 +539,6 @@ fn validate<'a>(call: &'a HanaCall, policy: &IngestPolicy) -> Result<ValidCall<'
     })
 }
 
-/// The hash redeliveries are recognised by: of the kind, the application and the body with its
-/// keys sorted (so a re-serialised redelivery still matches). Events are stored under it and
-/// their entity's id (`group::dedupe_key`).
-fn content_hash(kind: HanaEventKind, webhook: &HanaWebhook, raw_body: &[u8]) -> String {
-    let mut hasher = Sha256::new();
-    for part in [kind.event_name(), webhook.application_id.as_str()] {
-        hasher.update(part.as_bytes());
-        hasher.update([0]);
-    }
-    match serde_json::from_slice::<serde_json::Value>(raw_body) {
-        Ok(json) => hash_canonical_json(&json, &mut hasher),
-        Err(_) => hasher.update(raw_body),
-    }
-    hasher.update([0]);
-    hex(&hasher.finalize())
-}
-
-/// Feeds JSON into `hasher` with object keys sorted at every level and no whitespace, without
-/// building the text: this runs for every webhook.
-fn hash_canonical_json(value: &serde_json::Value, hasher: &mut Sha256) {
-    match value {
-        serde_json::Value::Object(fields) => {
-            let mut entries: Vec<(&String, &serde_json::Value)> = fields.iter().collect();
-            entries.sort_unstable_by(|left, right| left.0.cmp(right.0));
-            hasher.update(b"{");
-            for (position, (name, field)) in entries.into_iter().enumerate() {
-                if position > 0 {
-                    hasher.update(b",");
-                }
-                hash_json_string(name, hasher);
-                hasher.update(b":");
-                hash_canonical_json(field, hasher);
-            }
-            hasher.update(b"}");
-        }
-        serde_json::Value::Array(items) => {
-            hasher.update(b"[");
-            for (position, item) in items.iter().enumerate() {
-                if position > 0 {
-                    hasher.update(b",");
-                }
-                hash_canonical_json(item, hasher);
-            }
-            hasher.update(b"]");
-        }
-        serde_json::Value::String(text) => hash_json_string(text, hasher),
-        serde_json::Value::Number(number) => hasher.update(number.to_string().as_bytes()),
-        serde_json::Value::Bool(true) => hasher.update(b"true"),
-        serde_json::Value::Bool(false) => hasher.update(b"false"),
-        serde_json::Value::Null => hasher.update(b"null"),
-    }
-}
-
-/// A JSON string literal, escaped as serde_json escapes it, fed into `hasher`.
-fn hash_json_string(text: &str, hasher: &mut Sha256) {
-    struct Feed<'h>(&'h mut Sha256);
-    impl std::io::Write for Feed<'_> {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.update(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    // Writing a string into a writer that never fails cannot fail.
-    let _ = serde_json::to_writer(Feed(hasher), text);
-}
-
-/// Lower-case hex.
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    text
-}
-
 /// A new public id: a prefix and a time-ordered UUID.
 pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
@@ -646,43 +569,6 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dedupe_keys_ignore_key_order_and_whitespace() {
-        let webhook = HanaWebhook {
-            application_id: "app".to_owned(),
-            ..Default::default()
-        };
-        let a = content_hash(
-            HanaEventKind::LeadCreated,
-            &webhook,
-            br#"{"a":1,"b":{"c":[1,2]}}"#,
-        );
-        let b = content_hash(
-            HanaEventKind::LeadCreated,
-            &webhook,
-            b"{ \"b\": {\"c\": [1, 2]}, \"a\": 1 }",
-        );
-        assert_eq!(a, b);
-        assert_ne!(
-            a,
-            content_hash(
-                HanaEventKind::LeadUpdated,
-                &webhook,
-                br#"{"a":1,"b":{"c":[1,2]}}"#
-            )
-        );
-    }
-
-    #[test]
-    fn canonical_json_sorts_keys_at_every_level_and_escapes_like_serde_json() {
-        let json: serde_json::Value =
-            serde_json::from_str(r#"{"b":[{"y":1,"x":"\"q\""}],"a":null,"c":1.5}"#).unwrap();
-        let mut streamed = Sha256::new();
-        hash_canonical_json(&json, &mut streamed);
-        let expected = Sha256::digest(br#"{"a":null,"b":[{"x":"\"q\"","y":1}],"c":1.5}"#);
-        assert_eq!(hex(&streamed.finalize()), hex(&expected));
-    }
 
     fn outcome(event_id: &str) -> IngestOutcome {
         IngestOutcome {

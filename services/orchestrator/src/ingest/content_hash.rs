@@ -1,0 +1,315 @@
+//! The hash a redelivered Hana call is recognised by: of its kind, its application and its body
+//! with object keys sorted at every level and no whitespace, so that a redelivery serialised
+//! differently still matches.
+//!
+//! Every webhook is hashed, so the body is read into a tree that borrows its strings from the body
+//! (a string is copied only when it holds an escape) rather than into a `serde_json::Value`, and
+//! the canonical text is fed to the hasher without being built. The hash must never change: events
+//! are stored under it, and a redelivery of an event stored by an earlier version must still
+//! match. The tests compare it with the canonical text of a `serde_json::Value`, which it was first
+//! defined as.
+
+use std::{borrow::Cow, fmt, io::Write as _};
+
+use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use sha2::{Digest, Sha256};
+
+/// The content hash of a call, in lower-case hex. A body that is not JSON is hashed as it is.
+pub(super) fn content_hash(kind: HanaEventKind, webhook: &HanaWebhook, raw_body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    for part in [kind.event_name(), webhook.application_id.as_str()] {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    match serde_json::from_slice::<Json<'_>>(raw_body) {
+        Ok(json) => json.feed(&mut hasher),
+        Err(_) => hasher.update(raw_body),
+    }
+    hasher.update([0]);
+    hex(&hasher.finalize())
+}
+
+/// A JSON document whose strings borrow from the text it was read from where they can.
+enum Json<'a> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(Cow<'a, str>),
+    Array(Vec<Json<'a>>),
+    /// Members sorted by name, each name once (the last one given, as `serde_json::Map` keeps).
+    Object(Vec<(Cow<'a, str>, Json<'a>)>),
+}
+
+impl Json<'_> {
+    /// Feeds the canonical text: members in name order, no whitespace, strings escaped as
+    /// serde_json escapes them, numbers as serde_json prints them.
+    fn feed(&self, hasher: &mut Sha256) {
+        match self {
+            Self::Null => hasher.update(b"null"),
+            Self::Bool(true) => hasher.update(b"true"),
+            Self::Bool(false) => hasher.update(b"false"),
+            // Writing into a hasher cannot fail.
+            Self::Number(number) => {
+                let _ = write!(Feed(hasher), "{number}");
+            }
+            Self::String(text) => feed_string(text, hasher),
+            Self::Array(items) => {
+                hasher.update(b"[");
+                for (position, item) in items.iter().enumerate() {
+                    if position > 0 {
+                        hasher.update(b",");
+                    }
+                    item.feed(hasher);
+                }
+                hasher.update(b"]");
+            }
+            Self::Object(members) => {
+                hasher.update(b"{");
+                for (position, (name, value)) in members.iter().enumerate() {
+                    if position > 0 {
+                        hasher.update(b",");
+                    }
+                    feed_string(name, hasher);
+                    hasher.update(b":");
+                    value.feed(hasher);
+                }
+                hasher.update(b"}");
+            }
+        }
+    }
+}
+
+/// The hasher as an `io::Write`, for serde_json's string escaping and `write!`.
+struct Feed<'h>(&'h mut Sha256);
+
+impl std::io::Write for Feed<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A JSON string literal, escaped as serde_json escapes it.
+fn feed_string(text: &str, hasher: &mut Sha256) {
+    // Writing a string into a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(Feed(hasher), text);
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
+}
+
+/// A string that borrows from the document when it holds no escape.
+struct Text<'a>(Cow<'a, str>);
+
+struct TextVisitor;
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = Text<'de>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Text(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Text(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_string<E>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Text(Cow::Owned(text)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> Visitor<'de> for JsonVisitor {
+    type Value = Json<'de>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(Json::Bool(value))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(Json::Number(value.into()))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(Json::Number(value.into()))
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Self::Value, E> {
+        // As serde_json's Value: a float JSON cannot hold (it never parses one) reads as null.
+        Ok(serde_json::Number::from_f64(value).map_or(Json::Null, Json::Number))
+    }
+
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Json::String(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Json::String(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_string<E>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Json::String(Cow::Owned(text)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Self::Value, A::Error> {
+        let mut array = Vec::with_capacity(items.size_hint().unwrap_or(0));
+        while let Some(item) = items.next_element()? {
+            array.push(item);
+        }
+        Ok(Json::Array(array))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut fields: A) -> Result<Self::Value, A::Error> {
+        let mut members: Vec<(Cow<'de, str>, Json<'de>)> = Vec::new();
+        while let Some((Text(name), value)) = fields.next_entry::<Text<'de>, Json<'de>>()? {
+            members.push((name, value));
+        }
+        // Last given first, then a stable sort by name: of a name given twice, the last value
+        // comes first and is the one kept.
+        members.reverse();
+        members.sort_by(|left, right| left.0.cmp(&right.0));
+        members.dedup_by(|later, kept| later.0 == kept.0);
+        Ok(Json::Object(members))
+    }
+}
+
+impl<'de> Deserialize<'de> for Json<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(JsonVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The canonical text of a `serde_json::Value`: what the content hash was first defined as.
+    fn canonical_text(value: &serde_json::Value) -> String {
+        match value {
+            serde_json::Value::Object(fields) => {
+                // serde_json's Map is ordered by name (the preserve_order feature is off).
+                let members: Vec<String> = fields
+                    .iter()
+                    .map(|(name, field)| {
+                        format!(
+                            "{}:{}",
+                            serde_json::Value::String(name.clone()),
+                            canonical_text(field)
+                        )
+                    })
+                    .collect();
+                format!("{{{}}}", members.join(","))
+            }
+            serde_json::Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(canonical_text).collect();
+                format!("[{}]", items.join(","))
+            }
+            other => other.to_string(),
+        }
+    }
+
+    fn webhook() -> HanaWebhook {
+        HanaWebhook {
+            application_id: "app".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// The hash as first defined: of the kind, the application and the Value's canonical text.
+    fn hash_as_first_defined(kind: HanaEventKind, raw_body: &[u8]) -> String {
+        let mut hasher = Sha256::new();
+        for part in [kind.event_name(), "app"] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        match serde_json::from_slice::<serde_json::Value>(raw_body) {
+            Ok(json) => hasher.update(canonical_text(&json).as_bytes()),
+            Err(_) => hasher.update(raw_body),
+        }
+        hasher.update([0]);
+        hex(&hasher.finalize())
+    }
+
+    #[test]
+    fn the_hash_is_the_one_stored_events_were_keyed_by() {
+        let bodies: &[&[u8]] = &[
+            include_bytes!("../../../../tests/fixtures/hana-seed-sample.json"),
+            include_bytes!("../../../../fuzz/corpus/hana_body/ticket.json"),
+            br#"{"b":[{"y":1,"x":"\"q\""}],"a":null,"c":1.5}"#,
+            br#"{"same":1,"other":true,"same":{"z":[],"a":{}}}"#,
+            br#"{"escaped\u00e9\n":"tab\there \ud83d\ude00 / \/","plain":"d\u00fcr"}"#,
+            br#"{"n":[0,-0,-1,18446744073709551615,18446744073709551616,-9223372036854775808,1e3,1.0,2.5E-7,-0.0,123456789.123456789]}"#,
+            br#"  [ 1 , "x" , { "k" : false } ]  "#,
+            b"\"just a string\"",
+            b"42",
+            b"null",
+            b"{not json",
+            b"",
+            "{\"vi\":\"Toàn Truyền\",\"ctl\":\"\\u0001\\u001f\\u007f\"}".as_bytes(),
+        ];
+        for body in bodies {
+            assert_eq!(
+                content_hash(HanaEventKind::LeadCreated, &webhook(), body),
+                hash_as_first_defined(HanaEventKind::LeadCreated, body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn the_hash_ignores_key_order_and_whitespace_but_not_the_kind() {
+        let a = content_hash(
+            HanaEventKind::LeadCreated,
+            &webhook(),
+            br#"{"a":1,"b":{"c":[1,2]}}"#,
+        );
+        let b = content_hash(
+            HanaEventKind::LeadCreated,
+            &webhook(),
+            b"{ \"b\": {\"c\": [1, 2]}, \"a\": 1 }",
+        );
+        assert_eq!(a, b);
+        assert_ne!(
+            a,
+            content_hash(
+                HanaEventKind::LeadUpdated,
+                &webhook(),
+                br#"{"a":1,"b":{"c":[1,2]}}"#
+            )
+        );
+    }
+}
