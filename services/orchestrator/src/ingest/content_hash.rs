@@ -1,6 +1,7 @@
 //! The hash a redelivered Hana call is recognised by: of its kind, its application and its body
 //! with object keys sorted at every level and no whitespace, so that a redelivery serialised
-//! differently still matches.
+//! differently still matches. Events are stored under it and their entity's id
+//! (`group::dedupe_key`).
 //!
 //! Every webhook is hashed, so the body is read into a tree that borrows its strings from the body
 //! (a string is copied only when it holds an escape) rather than into a `serde_json::Value`, and
