@@ -390,6 +390,9 @@ async fn main() -> Result<(), Error> {
     if let Err(reason) = &postgres {
         println!("gateway+orchestrator, Postgres     skipped: {reason}");
     }
+    println!(
+        "CPU µs/req counts this process (servers and load generator), not the Postgres server's own processes."
+    );
     shutdown.cancel();
     if let Ok(database) = postgres {
         tokio::time::sleep(Duration::from_millis(500)).await;
