@@ -372,14 +372,10 @@ async fn concurrent_webhooks_each_get_their_own_answer(backend: Backend) -> Test
     const REPEATED: usize = 20;
     let harness = Harness::start(backend, &[]).await?;
     let body = |n: usize| {
-        json!({
-            "application": {"id": APP_ID},
-            "lead": {
-                "id": {"nomalizeData": format!("burst-{n}"), "rawData": format!("burst-{n}")},
-                "baseName": {"nomalizeData": format!("Burst {n}"), "rawData": format!("Burst {n}")}
-            }
-        })
-        .to_string()
+        lead_body(
+            &format!("burst-{n}"),
+            &[("baseName", json!(format!("Burst {n}")))],
+        )
     };
     let url = harness.up.hana_webhook("lead.created");
     let mut posts = tokio::task::JoinSet::new();
@@ -513,14 +509,10 @@ async fn an_orchestrator_without_batches_still_gets_every_call() -> TestResult {
         let body = if n == 29 {
             "{\"lead\": ".to_owned()
         } else {
-            json!({
-                "application": {"id": APP_ID},
-                "lead": {
-                    "id": {"nomalizeData": format!("old-{n}"), "rawData": format!("old-{n}")},
-                    "baseName": {"nomalizeData": format!("Old {n}"), "rawData": format!("Old {n}")}
-                }
-            })
-            .to_string()
+            lead_body(
+                &format!("old-{n}"),
+                &[("baseName", json!(format!("Old {n}")))],
+            )
         };
         posts.spawn(async move {
             let answer = http.post(url).body(body).send().await?;
