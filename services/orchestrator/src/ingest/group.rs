@@ -128,14 +128,22 @@ where
     F: Fn(&'r R, &mut Vec<Param<'r>>) + Send,
 {
     let mut returned = Vec::new();
+    // Every chunk but a last short one has the same length: its text is rendered once, not once
+    // per row (on SQLite, formatting took ~6% of the writer's time).
+    let mut text = String::new();
+    let mut text_rows = 0;
+    let mut params = Vec::new();
     for chunk in sql.chunks(rows.len()) {
-        let text = format!(
-            "{} {} {}",
-            statement.head,
-            sql.rows(chunk.len(), statement.row),
-            statement.tail
-        );
-        let mut params = Vec::new();
+        if chunk.len() != text_rows {
+            text_rows = chunk.len();
+            text = format!(
+                "{} {} {}",
+                statement.head,
+                sql.rows(text_rows, statement.row),
+                statement.tail
+            );
+        }
+        params.clear();
         for row in &rows[chunk] {
             params_of(row, &mut params);
         }
