@@ -63,6 +63,15 @@ impl Measurement {
         }
     }
 
+    /// Cores this process kept busy on average: below the machine's count, the servers waited
+    /// on something other than the CPU (the disk, a serial stage, each other).
+    fn cores_busy(&self) -> f64 {
+        match self.cpu {
+            Some(cpu) if !self.elapsed.is_zero() => cpu.as_secs_f64() / self.elapsed.as_secs_f64(),
+            _ => f64::NAN,
+        }
+    }
+
     fn percentile_ms(&self, percentile: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return f64::NAN;
@@ -293,11 +302,12 @@ impl Target {
 
 fn row(label: &str, measurement: &Measurement, baseline: f64, spread: &str) {
     println!(
-        "{label:<34} {:>9.0} {:>8.2} {:>8.2} {:>10.0} {:>7} {:>9.1}% {spread:>17}",
+        "{label:<34} {:>9.0} {:>8.2} {:>8.2} {:>10.0} {:>6.2} {:>7} {:>9.1}% {spread:>17}",
         measurement.throughput(),
         measurement.percentile_ms(0.50),
         measurement.percentile_ms(0.99),
         measurement.cpu_us_per_request(),
+        measurement.cores_busy(),
         measurement.errors,
         100.0 * measurement.throughput() / baseline
     );
@@ -354,12 +364,13 @@ async fn main() -> Result<(), Error> {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
-        "{:<34} {:>9} {:>8} {:>8} {:>10} {:>7} {:>10} {:>17}",
+        "{:<34} {:>9} {:>8} {:>8} {:>10} {:>6} {:>7} {:>10} {:>17}",
         "target",
         "req/s",
         "p50 ms",
         "p99 ms",
         "CPU µs/req",
+        "cores",
         "errors",
         "of bare",
         "of bare per turn"
@@ -391,7 +402,7 @@ async fn main() -> Result<(), Error> {
         println!("gateway+orchestrator, Postgres     skipped: {reason}");
     }
     println!(
-        "CPU µs/req counts this process (servers and load generator), not the Postgres server's own processes."
+        "CPU µs/req and cores (CPU time per second) count this process (servers and load generator), not the Postgres server's own processes."
     );
     shutdown.cancel();
     if let Ok(database) = postgres {
