@@ -17,11 +17,12 @@
 //! The log starts over from its beginning only when a commit finds every frame of it copied. A
 //! checkpoint running beside a busy writer is always a commit or two behind, so once the log holds
 //! [`WRITER_CHECKPOINT_FRAMES`] the writer copies the rest itself, between two groups, and the
-//! next group starts the log over. From that mark on the thread copies after every commit, not
-//! every 1000 pages, so what is left for the writer is a commit or two: copying up to 1000 pages
-//! itself stalled the writer for ~5.6 ms, 7% of its time in SQLite under load. The writer copies
-//! once at most [`WRITER_COPIES_AT_MOST`] pages are left, and whatever is left once the log is
-//! half as long again as the mark; the thread leaves both to it.
+//! next group starts the log over. From that mark on the thread copies after every commit that
+//! leaves more than [`WRITER_COPIES_AT_MOST`] pages uncopied, not every 1000 pages, so what is
+//! left for the writer is a commit or two: copying up to 1000 pages itself stalled the writer for
+//! ~5.6 ms, 7% of its time in SQLite under load. The writer copies once at most
+//! [`WRITER_COPIES_AT_MOST`] pages are left, and whatever is left once the log is half as long
+//! again as the mark; the thread leaves both to it.
 
 use std::{
     fs::File,
@@ -339,7 +340,7 @@ mod tests {
     }
 
     #[test]
-    fn near_the_mark_the_thread_copies_every_commit_and_the_writer_only_the_last() {
+    fn past_the_mark_the_thread_copies_large_leftovers_and_the_writer_the_last_commits() {
         let fill = |frames, copied| LogFill { frames, copied };
         // Below the mark the thread copies every 1000 pages, the writer never.
         assert!(!fill(5_000, 4_100).thread_copies());
