@@ -4,14 +4,16 @@
 
 #![no_main]
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use leadrelay_orchestrator::ingest::redelivery_hash;
 use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
 use libfuzzer_sys::fuzz_target;
 use serde::de::{Deserializer as _, MapAccess, SeqAccess, Visitor};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
+
+/// The hash's first definition, shared with the orchestrator's own tests.
+#[path = "../../services/orchestrator/src/ingest/content_hash/first_definition.rs"]
+mod first_definition;
 
 /// The name serde_json's `Value` reads as raw JSON text when it comes first in an object (its
 /// `raw_value` feature is on): the one documented difference, skipped here.
@@ -28,52 +30,11 @@ fuzz_target!(|data: &[u8]| {
     let kind = HanaEventKind::LeadUpdated;
     assert_eq!(
         redelivery_hash(kind, &webhook, data),
-        hash_as_first_defined(kind, "app", data),
+        first_definition::hash_as_first_defined(kind, "app", data),
         "body: {:?}",
         String::from_utf8_lossy(data)
     );
 });
-
-/// The hash as first defined: of the kind, the application and the Value's canonical text.
-fn hash_as_first_defined(kind: HanaEventKind, application_id: &str, raw_body: &[u8]) -> String {
-    let mut hasher = Sha256::new();
-    for part in [kind.event_name(), application_id] {
-        hasher.update(part.as_bytes());
-        hasher.update([0]);
-    }
-    match serde_json::from_slice::<Value>(raw_body) {
-        Ok(json) => hasher.update(canonical_text(&json).as_bytes()),
-        Err(_) => hasher.update(raw_body),
-    }
-    hasher.update([0]);
-    hasher
-        .finalize()
-        .iter()
-        .fold(String::with_capacity(64), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
-}
-
-/// Members in name order (serde_json's `Map` without `preserve_order`), no whitespace.
-fn canonical_text(value: &Value) -> String {
-    match value {
-        Value::Object(fields) => {
-            let members: Vec<String> = fields
-                .iter()
-                .map(|(name, field)| {
-                    format!("{}:{}", Value::String(name.clone()), canonical_text(field))
-                })
-                .collect();
-            format!("{{{}}}", members.join(","))
-        }
-        Value::Array(items) => {
-            let items: Vec<String> = items.iter().map(canonical_text).collect();
-            format!("[{}]", items.join(","))
-        }
-        other => other.to_string(),
-    }
-}
 
 /// Whether any object in the body, read as JSON, names the raw-value token (escapes decoded).
 fn names_the_raw_value_token(data: &[u8]) -> bool {

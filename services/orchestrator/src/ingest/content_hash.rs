@@ -217,33 +217,11 @@ impl<'de> Deserialize<'de> for Json<'de> {
 }
 
 #[cfg(test)]
+mod first_definition;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The canonical text of a `serde_json::Value`: what the content hash was first defined as.
-    fn canonical_text(value: &serde_json::Value) -> String {
-        match value {
-            serde_json::Value::Object(fields) => {
-                // serde_json's Map is ordered by name (the preserve_order feature is off).
-                let members: Vec<String> = fields
-                    .iter()
-                    .map(|(name, field)| {
-                        format!(
-                            "{}:{}",
-                            serde_json::Value::String(name.clone()),
-                            canonical_text(field)
-                        )
-                    })
-                    .collect();
-                format!("{{{}}}", members.join(","))
-            }
-            serde_json::Value::Array(items) => {
-                let items: Vec<String> = items.iter().map(canonical_text).collect();
-                format!("[{}]", items.join(","))
-            }
-            other => other.to_string(),
-        }
-    }
 
     fn webhook() -> HanaWebhook {
         HanaWebhook {
@@ -252,19 +230,9 @@ mod tests {
         }
     }
 
-    /// The hash as first defined: of the kind, the application and the Value's canonical text.
+    /// The hash as first defined, for the application of [`webhook`].
     fn hash_as_first_defined(kind: HanaEventKind, raw_body: &[u8]) -> String {
-        let mut hasher = Sha256::new();
-        for part in [kind.event_name(), "app"] {
-            hasher.update(part.as_bytes());
-            hasher.update([0]);
-        }
-        match serde_json::from_slice::<serde_json::Value>(raw_body) {
-            Ok(json) => hasher.update(canonical_text(&json).as_bytes()),
-            Err(_) => hasher.update(raw_body),
-        }
-        hasher.update([0]);
-        hex(&hasher.finalize())
+        super::first_definition::hash_as_first_defined(kind, "app", raw_body)
     }
 
     #[test]
