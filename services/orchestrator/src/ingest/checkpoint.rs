@@ -198,19 +198,17 @@ impl Checkpoints {
                 // (SQLite runs one at a time and never waits for the other), so that the log
                 // cannot keep growing while the thread is slow; below it, it tries again after
                 // its next commit.
-                let mut attempts = if fill.frames >= WRITER_CHECKPOINT_LIMIT {
+                let attempts = if fill.frames >= WRITER_CHECKPOINT_LIMIT {
                     WRITER_CHECKPOINT_WAITS
                 } else {
                     1
                 };
-                loop {
-                    attempts -= 1;
+                for attempt in 1..=attempts {
                     match passive_checkpoint(writer) {
-                        Ok(Checkpoint::Ran) => break,
-                        Ok(Checkpoint::Busy) if attempts > 0 => {
+                        Ok(Checkpoint::Busy) if attempt < attempts => {
                             std::thread::sleep(std::time::Duration::from_millis(1));
                         }
-                        Ok(Checkpoint::Busy) => break,
+                        Ok(Checkpoint::Ran | Checkpoint::Busy) => break,
                         Err(error) => {
                             tracing::warn!(%error, "checkpoint of the SQLite write-ahead log by the writer failed");
                             break;
