@@ -101,10 +101,10 @@ pub fn pollers(settings: &Settings) -> Pollers {
     }
 }
 
-/// Reads the jobs by target and state, and the age of the oldest pending job of each target in
-/// `run_targets`, from the store before each metrics scrape. Jobs for a system this orchestrator
-/// does not run wait until it is configured: they are counted, but their age is no lag to alert
-/// on.
+/// Reads the outstanding jobs by target and state, and the age of the oldest pending job of each
+/// target in `run_targets`, from the store before each metrics scrape. Jobs for a system this
+/// orchestrator does not run wait until it is configured: they are counted, but their age is no
+/// lag to alert on.
 fn register_job_gauges(store: &Store, run_targets: Vec<&'static str>) {
     let store = store.clone();
     leadrelay_runtime::metrics::metrics().on_scrape(move || {
@@ -113,7 +113,7 @@ fn register_job_gauges(store: &Store, run_targets: Vec<&'static str>) {
         async move {
             let read = async {
                 Ok::<_, StoreError>((
-                    queries::job_counts(store.pool()).await?,
+                    queries::outstanding_job_counts(store.pool()).await?,
                     queries::oldest_pending_by_target(store.pool()).await?,
                 ))
             };

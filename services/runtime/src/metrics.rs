@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `leadrelay_webhooks_total` | counter | `source` (hana, pipedrive), `outcome` |
 //! | `leadrelay_webhook_ack_seconds` | histogram | `source` |
-//! | `leadrelay_jobs` | gauge, read from the store at scrape time | `target`, `state` |
+//! | `leadrelay_jobs` | gauge, read from the store at scrape time | `target`, `state` (pending, running, dead) |
 //! | `leadrelay_oldest_pending_job_age_seconds` | gauge, at scrape time | `target` (each target this orchestrator runs) |
 //! | `leadrelay_jobs_finished_total` | counter | `target`, `outcome` (done, retry, dead) |
 //! | `leadrelay_dead_letters_total` | counter | `target` |
@@ -96,7 +96,11 @@ impl Metrics {
             webhook_ack.clone(),
         );
         let jobs = Family::<Labels, Gauge>::default();
-        registry.register("jobs", "Sync jobs by target and state", jobs.clone());
+        registry.register(
+            "jobs",
+            "Sync jobs not done, by target and state (pending, running, dead)",
+            jobs.clone(),
+        );
         let oldest_pending_age =
             Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
