@@ -107,7 +107,8 @@ async fn the_counters_move_with_webhooks_jobs_and_crm_calls() -> TestResult {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let after = loop {
         let samples = scrape(metrics).await?;
-        // The counter moves as the run ends, just before the store records it.
+        // The counter moves once the store records the outcome, which a scrape may read a moment
+        // before it encodes the counter.
         if value(&samples, done) == 1.0
             && !samples.contains_key(r#"leadrelay_jobs{target="pipedrive",state="running"}"#)
         {

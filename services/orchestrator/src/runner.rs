@@ -485,7 +485,6 @@ impl JobRunner {
         } else {
             span.record("otel.status_code", "ERROR");
         }
-        leadrelay_runtime::metrics::metrics().job_finished(system_name(job.target), outcome);
         if state != "done" {
             tracing::warn!(job = %job.id, target = system_name(job.target), state, error, "sync job failed");
         }
@@ -576,6 +575,9 @@ impl JobRunner {
             }
         }
         transaction.commit().await?;
+        // Counted once recorded: a run whose lease another runner took over, or whose outcome
+        // the store could not record (the job runs again), is not an outcome.
+        leadrelay_runtime::metrics::metrics().job_finished(system_name(job.target), outcome);
         Ok(())
     }
 
