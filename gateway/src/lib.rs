@@ -128,7 +128,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayStartError> {
     let app = router(config)?;
-    tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
+    tracing::info!(
+        addr = %leadrelay_runtime::telemetry::listening_addr(&listener),
+        "gateway listening"
+    );
     let draining = shutdown.clone();
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move { draining.cancelled().await })

@@ -7,7 +7,7 @@ use wiremock::MockServer;
 
 use crate::{
     hana_ingest::SEED_SAMPLE,
-    support::{Error, Service, TestResult, Up, free_port},
+    support::{Error, Service, TestResult, Up},
 };
 
 /// Samples by `name{labels}`, checking every line as the text exposition format has it.
@@ -201,13 +201,11 @@ async fn every_service_process_serves_its_metrics() -> TestResult {
         "pipedrive-adapter",
         "salesman-adapter",
     ] {
-        let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let metrics_listen = metrics.to_string();
+        // Every port is 0 (the metrics' too, by `Service::start`): the process logs what it took.
         let process = Service::start(
             folder.path(),
             &[service],
             &[
-                ("LEADRELAY_METRICS_LISTEN", metrics_listen.as_str()),
                 ("LEADRELAY_DATABASE_URL", database.as_str()),
                 ("LEADRELAY_HANA_WEBHOOK_TOKEN", "metrics-token"),
                 ("LEADRELAY_GATEWAY_LISTEN", "127.0.0.1:0"),
@@ -219,7 +217,11 @@ async fn every_service_process_serves_its_metrics() -> TestResult {
         )?;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let samples = loop {
-            match scrape(metrics).await {
+            let scraped = match process.logged_addr("metrics listening") {
+                Some(metrics) => scrape(metrics).await,
+                None => Err("no \"metrics listening\" line with its address yet".into()),
+            };
+            match scraped {
                 Ok(samples) => break samples,
                 Err(error) if std::time::Instant::now() > deadline => {
                     return Err(format!("{service}: {error}; logs:\n{}", process.logs()).into());

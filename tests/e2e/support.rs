@@ -232,6 +232,23 @@ impl Service {
     pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// The address the process logged with `message` (e.g. "metrics listening"), once it has:
+    /// a listener given port 0 takes a port no other process can hold, unlike a port picked by
+    /// the test and bound by the process later.
+    pub(crate) fn logged_addr(&self, message: &str) -> Option<SocketAddr> {
+        self.logs()
+            .lines()
+            .filter(|line| line.contains(message))
+            .find_map(|line| {
+                line.split_once(" addr=")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    }
 }
 
 impl Drop for Service {

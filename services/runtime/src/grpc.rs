@@ -2,8 +2,6 @@
 //! (SERVING per service while up, NOT_SERVING while draining) and server reflection v1 and
 //! v1alpha (so every grpcurl works), with request spans that continue the caller's trace.
 
-use std::net::SocketAddr;
-
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -85,8 +83,11 @@ impl GrpcServer {
                 .await;
         }
 
-        let local_addr: Option<SocketAddr> = listener.local_addr().ok();
-        tracing::info!(service = self.name, addr = ?local_addr, "gRPC server listening");
+        tracing::info!(
+            service = self.name,
+            addr = %crate::telemetry::listening_addr(&listener),
+            "gRPC server listening"
+        );
         let routes = self
             .routes
             .add_service(health_service)

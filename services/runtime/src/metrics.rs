@@ -269,7 +269,10 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::i
             )
         }),
     );
-    tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+    tracing::info!(
+        addr = %crate::telemetry::listening_addr(&listener),
+        "metrics listening"
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -138,6 +138,15 @@ pub fn init(
     Ok(TelemetryGuard { provider })
 }
 
+/// The address `listener` took, as the "listening" log lines show it (`127.0.0.1:50051`): with
+/// a port of 0 in the settings, the log is where an operator or a test learns the port.
+pub fn listening_addr(listener: &tokio::net::TcpListener) -> String {
+    listener.local_addr().map_or_else(
+        |error| format!("unknown ({error})"),
+        |addr| addr.to_string(),
+    )
+}
+
 /// Whether an event may carry the exporter's credentials: the OTLP exporter's own debug lines
 /// print the headers it sends (`OTEL_EXPORTER_OTLP_HEADERS`, often an API key), so the
 /// OpenTelemetry crates are logged at info and above only, whatever `RUST_LOG` says.
