@@ -249,3 +249,41 @@ async fn postgres_groups_behave_like_single_commits() -> TestResult {
     store.close().await;
     database.drop_database().await
 }
+
+/// The Postgres writer keeps its connection between groups. When Postgres ends that connection
+/// (a restart, a failover, an operator's `pg_terminate_backend`), the group on it fails, and its
+/// calls, retried one by one, go through a new connection: the caller never sees the failure.
+#[tokio::test]
+async fn postgres_writer_replaces_a_connection_the_server_ended() -> TestResult {
+    let database = TestDatabase::create("ingest_reconnect").await?;
+    let store = Store::connect(&database.url().parse()?).await?;
+    store.migrate().await?;
+    let ingester =
+        Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
+    let before = ingester
+        .ingest(call(HanaEventKind::LeadCreated, "lead-before", "Before"))
+        .await?;
+    assert!(!before.duplicate && !before.quarantined);
+
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    assert!(
+        ended.iter().any(|ended| *ended),
+        "the writer's connection was open and is now ended"
+    );
+
+    let after = ingester
+        .ingest(call(HanaEventKind::LeadCreated, "lead-after", "After"))
+        .await?;
+    assert!(!after.duplicate && !after.quarantined);
+    let stored = lead_by_hana_id(&store, "lead-after")
+        .await?
+        .ok_or("the call after the connection ended is stored")?;
+    assert_eq!(stored.name, "After");
+    store.close().await;
+    database.drop_database().await
+}

@@ -73,8 +73,8 @@ pub(super) trait GroupTransaction: Send {
     ) -> impl Future<Output = Result<Vec<Vec<Cell>>, IngestError>> + Send;
 }
 
-/// A transaction on the sqlx pool (Postgres).
-pub(super) struct PooledTransaction(pub(super) Transaction<'static, Any>);
+/// A transaction on an sqlx connection (Postgres).
+pub(super) struct PostgresTransaction<'c>(pub(super) Transaction<'c, Any>);
 
 fn bind_all<'q>(
     mut query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
@@ -105,7 +105,7 @@ fn any_cells(row: &AnyRow, columns: &[Column]) -> Result<Vec<Cell>, sqlx::Error>
         .collect()
 }
 
-impl GroupTransaction for PooledTransaction {
+impl GroupTransaction for PostgresTransaction<'_> {
     async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), IngestError> {
         bind_all(sqlx::query(sql), params)
             .execute(&mut *self.0)
