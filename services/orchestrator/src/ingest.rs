@@ -21,7 +21,7 @@ mod sql;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
-use sqlx::{AnyConnection, ConnectOptions as _, Connection as _};
+use sqlx::{AnyConnection, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::sql::SqliteError;
@@ -295,34 +295,11 @@ struct PostgresCommitter {
     connection: Option<AnyConnection>,
 }
 
-/// How long the Postgres writer waits for a new connection, as the pool waits for one.
-const POSTGRES_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 impl PostgresCommitter {
     fn new(store: Store) -> Self {
         Self {
             store,
             connection: None,
-        }
-    }
-
-    /// A new connection with the pool's settings. An unreachable server fails the group within
-    /// [`POSTGRES_CONNECT_TIMEOUT`] instead of holding every call for the system's TCP timeout.
-    async fn connect(&self) -> Result<AnyConnection, StoreError> {
-        let options = self.store.pool().connect_options();
-        let failed = |source| StoreError::Connect {
-            database: self.store.database().to_owned(),
-            source,
-        };
-        match tokio::time::timeout(POSTGRES_CONNECT_TIMEOUT, options.connect()).await {
-            Ok(connected) => connected.map_err(failed),
-            Err(_) => Err(failed(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no connection within {} s",
-                    POSTGRES_CONNECT_TIMEOUT.as_secs()
-                ),
-            )))),
         }
     }
 }
@@ -334,7 +311,7 @@ impl Committer for PostgresCommitter {
     ) -> Result<Vec<IngestOutcome>, IngestError> {
         let mut connection = match self.connection.take() {
             Some(connection) => connection,
-            None => self.connect().await?,
+            None => self.store.open_connection().await?,
         };
         let committed = commit_on(&mut connection, calls).await;
         match committed {

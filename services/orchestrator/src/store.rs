@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 
 use leadrelay_runtime::config::DatabaseUrl;
 use sqlx::{
-    AnyPool, Executor,
+    AnyConnection, AnyPool, ConnectOptions as _, Executor,
     any::{AnyPoolOptions, install_default_drivers},
     migrate::Migrator,
 };
@@ -17,6 +17,10 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 /// `synchronous = FULL` makes an acknowledged event survive power loss, not only a crash.
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
+
+/// How long a Postgres connection is waited for: one from the pool, or a new one of the ingest
+/// writer's own (see [`Store::open_connection`]).
+const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The store could not be opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +129,7 @@ impl Store {
             DatabaseUrl::Postgres { .. } => {
                 let pool = AnyPoolOptions::new()
                     .max_connections(16)
-                    .acquire_timeout(Duration::from_secs(5))
+                    .acquire_timeout(POSTGRES_CONNECT_TIMEOUT)
                     .connect(&url.connection_string())
                     .await
                     .map_err(connect_error)?;
@@ -181,6 +185,28 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(version)
+    }
+
+    /// A new connection of its own, outside the pool, with the pool's settings; opened on the
+    /// caller's runtime, which then drives its socket. A server that does not answer fails it
+    /// within [`POSTGRES_CONNECT_TIMEOUT`], as it fails a wait for a pooled connection, instead
+    /// of after the system's TCP timeout.
+    pub(crate) async fn open_connection(&self) -> Result<AnyConnection, StoreError> {
+        let failed = |source| StoreError::Connect {
+            database: self.database.clone(),
+            source,
+        };
+        let options = self.pool.connect_options();
+        match tokio::time::timeout(POSTGRES_CONNECT_TIMEOUT, options.connect()).await {
+            Ok(connected) => connected.map_err(failed),
+            Err(_) => Err(failed(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no connection within {} s",
+                    POSTGRES_CONNECT_TIMEOUT.as_secs()
+                ),
+            )))),
+        }
     }
 
     /// The database, without its password.
