@@ -5,7 +5,8 @@
 //! on either engine) takes every call waiting in its queue and commits them
 //! together, so a durable commit is paid once per group rather than once per call. While one
 //! group commits, the next one gathers. A group whose transaction fails is retried call by call,
-//! so one bad call cannot fail its neighbours.
+//! so one bad call cannot fail its neighbours; when the store's connection failed instead, every
+//! call of the group hears so at once (one by one, each would wait for the store again).
 //!
 //! On SQLite the fsync that makes a commit durable is pipelined: the writer commits without
 //! waiting for the disk and moves on to the next group, while a second thread fsyncs the
@@ -87,6 +88,40 @@ pub enum IngestError {
     /// Another orchestrator replica created an entity this group creates; retrying finds it.
     #[error("another orchestrator replica wrote the same entity at the same time")]
     Conflict,
+    /// The call was not tried: the store's connection failed while its group was committed.
+    #[error("not stored: the connection to the store failed ({0})")]
+    ConnectionFailed(String),
+}
+
+impl IngestError {
+    /// Whether the connection to the store failed (it could not be opened, broke, or stopped
+    /// answering), as opposed to the calls: trying the calls one by one would only wait for the
+    /// store again once per call.
+    fn is_connection_failure(&self) -> bool {
+        match self {
+            Self::Store(StoreError::Connect { .. } | StoreError::Unanswered { .. }) => true,
+            Self::Store(StoreError::Query(error)) => connection_failed(error),
+            Self::Store(_) | Self::Stopped | Self::Conflict | Self::ConnectionFailed(_) => false,
+        }
+    }
+}
+
+/// Whether `error` is the connection's: an I/O or protocol failure, or Postgres ending the
+/// session (SQLSTATE class 08, connection exception; 57P01–57P03, the server shutting down,
+/// crashed or starting up).
+fn connection_failed(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
 }
 
 impl From<sqlx::Error> for IngestError {
@@ -255,13 +290,24 @@ trait Committer {
     }
 
     /// Commits a group, retrying when another replica created one of its entities first (the
-    /// retry reads that entity and applies the group on top of it).
+    /// retry reads that entity and applies the group on top of it), and once when a connection
+    /// kept from an earlier group failed: Postgres may have ended it (a restart, a failover) and
+    /// the retry opens a new one. A connection that could not be opened is not tried again.
     async fn commit(&mut self, calls: &[&CheckedCall]) -> Result<Vec<IngestOutcome>, IngestError> {
         const ATTEMPTS: usize = 3;
         let mut attempt = 1;
+        let mut reconnected = false;
         loop {
             match self.commit_once(calls).await {
                 Err(IngestError::Conflict) if attempt < ATTEMPTS => attempt += 1,
+                Err(error)
+                    if error.is_connection_failure()
+                        && !matches!(error, IngestError::Store(StoreError::Connect { .. }))
+                        && !reconnected =>
+                {
+                    tracing::info!(%error, "the store's connection failed; committing the group again on a new one");
+                    reconnected = true;
+                }
                 outcome => return outcome,
             }
         }
@@ -285,11 +331,19 @@ fn spawn_writer(
     Ok(())
 }
 
+/// How long the Postgres writer waits for one group's transaction before it gives its connection
+/// up. A connection to a host that vanished (a failover to another address, a network partition)
+/// never fails by itself: its statements wait for the system's TCP timeout, 15 minutes on
+/// Linux, and every webhook waits behind them. The gateway stops waiting for a call after 3 s.
+///
+/// A group given up during its COMMIT may have been stored. Its calls are answered with the
+/// error all the same; the redelivery Hana then makes is recognised as a duplicate.
+const POSTGRES_GROUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Commits through a Postgres connection of its own, opened with the pool's settings from the
 /// writer's thread (so that its socket is driven by the writer's runtime) and kept from one group
-/// to the next. A group that fails closes it: the next attempt opens a new one, so after Postgres
-/// restarts, the first group fails on the dead connection and its calls, retried one by one, go
-/// through a new one.
+/// to the next. A group that fails ends it: the next attempt opens a new one, so after Postgres
+/// restarts, the first group fails on the dead connection and goes again on a new one.
 struct PostgresCommitter {
     store: Store,
     connection: Option<AnyConnection>,
@@ -313,9 +367,23 @@ impl Committer for PostgresCommitter {
             Some(connection) => connection,
             None => self.store.open_connection().await?,
         };
-        let committed = commit_on(&mut connection, calls).await;
-        match committed {
+        let committed =
+            match tokio::time::timeout(POSTGRES_GROUP_DEADLINE, commit_on(&mut connection, calls))
+                .await
+            {
+                Ok(committed) => committed,
+                // Dropped, not closed: closing waits for a server that does not answer.
+                Err(_) => {
+                    return Err(IngestError::Store(StoreError::Unanswered {
+                        database: self.store.database().to_owned(),
+                        after: POSTGRES_GROUP_DEADLINE,
+                    }));
+                }
+            };
+        match &committed {
             Ok(_) | Err(IngestError::Conflict) => self.connection = Some(connection),
+            // A broken connection is dropped as it is.
+            Err(error) if error.is_connection_failure() => {}
             Err(_) => {
                 if let Err(error) = connection.close().await {
                     tracing::debug!(%error, "closing the ingest writer's failed connection failed");
@@ -517,21 +585,46 @@ async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receive
                 .zip(outcomes)
                 .map(|(pending, outcome)| (pending.reply, Ok(outcome)))
                 .collect(),
+            Err(error) if error.is_connection_failure() => {
+                tracing::warn!(calls = group.len(), %error, "group commit failed: the store's connection failed; no call of the group is stored");
+                refuse_all(group.drain(..), &error.to_string())
+            }
             Err(error) => {
                 tracing::warn!(calls = group.len(), %error, "group commit failed; committing its calls one by one");
                 let mut answers = Vec::with_capacity(group.len());
-                for pending in group.drain(..) {
+                let mut calls = group.drain(..);
+                while let Some(pending) = calls.next() {
                     let outcome = committer
                         .commit(&[&pending.checked])
                         .await
                         .map(|mut outcomes| outcomes.remove(0));
+                    let connection_failed = match &outcome {
+                        Err(error) if error.is_connection_failure() => Some(error.to_string()),
+                        _ => None,
+                    };
                     answers.push((pending.reply, outcome));
+                    // Once the connection failed, the rest would each wait for the store again.
+                    if let Some(reason) = connection_failed {
+                        answers.extend(refuse_all(calls.by_ref(), &reason));
+                        break;
+                    }
                 }
                 answers
             }
         };
         committer.acknowledge(answers);
     }
+}
+
+/// Answers every call of a group whose commit failed because the store's connection did: none
+/// of them is stored.
+fn refuse_all(calls: impl Iterator<Item = Pending>, reason: &str) -> Vec<Answer> {
+    calls
+        .map(|pending| {
+            let refused = IngestError::ConnectionFailed(reason.to_owned());
+            (pending.reply, Err(refused))
+        })
+        .collect()
 }
 
 /// The key an entity first captured in Hana is stored under: the application and the Hana id,

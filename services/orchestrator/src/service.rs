@@ -92,7 +92,8 @@ fn store_status(error: &StoreError) -> Status {
         | StoreError::Query(_)
         | StoreError::Sqlite(_)
         | StoreError::Sync(_)
-        | StoreError::Writer(_) => {
+        | StoreError::Writer(_)
+        | StoreError::Unanswered { .. } => {
             Status::unavailable(format!("the store is unavailable: {error}"))
         }
     }
@@ -102,7 +103,9 @@ impl From<IngestError> for Status {
     fn from(error: IngestError) -> Self {
         match error {
             IngestError::Store(error) => store_status(&error),
-            IngestError::Stopped | IngestError::Conflict => Status::unavailable(error.to_string()),
+            IngestError::Stopped | IngestError::Conflict | IngestError::ConnectionFailed(_) => {
+                Status::unavailable(error.to_string())
+            }
         }
     }
 }

@@ -61,6 +61,17 @@ pub enum StoreError {
     /// The ingest writer's thread could not be started.
     #[error("cannot start the ingest writer: {0}")]
     Writer(std::io::Error),
+    /// The database did not finish a transaction in time; its connection was given up.
+    #[error(
+        "the database {database} did not answer within {} s; its connection was dropped",
+        .after.as_secs()
+    )]
+    Unanswered {
+        /// The database, without its password.
+        database: String,
+        /// How long it had.
+        after: Duration,
+    },
     /// A stored row could not be decoded.
     #[error("a stored record could not be decoded: {0}")]
     Corrupt(String),

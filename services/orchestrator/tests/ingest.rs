@@ -10,7 +10,7 @@ use leadrelay_proto::{
     v1::{HanaEventKind, HanaWebhook, Lead, RawAttribute, System},
 };
 use leadrelay_runtime::config::DatabaseUrl;
-use leadrelay_testkit::TestDatabase;
+use leadrelay_testkit::{TestDatabase, relay::TcpRelay};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -250,20 +250,28 @@ async fn postgres_groups_behave_like_single_commits() -> TestResult {
     database.drop_database().await
 }
 
-/// The Postgres writer keeps its connection between groups. When Postgres ends that connection
-/// (a restart, a failover, an operator's `pg_terminate_backend`), the group on it fails, and its
-/// calls, retried one by one, go through a new connection: the caller never sees the failure.
-#[tokio::test]
-async fn postgres_writer_replaces_a_connection_the_server_ended() -> TestResult {
-    let database = TestDatabase::create("ingest_reconnect").await?;
-    let store = Store::connect(&database.url().parse()?).await?;
+/// A migrated store at `url` and an ingest writer on it that has stored a call, so that it holds
+/// a connection.
+async fn writer_with_a_connection(
+    url: &str,
+) -> Result<(Store, Ingester), Box<dyn std::error::Error + Send + Sync>> {
+    let store = Store::connect(&url.parse()?).await?;
     store.migrate().await?;
-    let ingester =
-        Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
+    let ingester = Ingester::start(store.clone(), IngestPolicy::default())?;
     let before = ingester
         .ingest(call(HanaEventKind::LeadCreated, "lead-before", "Before"))
         .await?;
     assert!(!before.duplicate && !before.quarantined);
+    Ok((store, ingester))
+}
+
+/// The Postgres writer keeps its connection between groups. When Postgres ends that connection
+/// (a restart, a failover, an operator's `pg_terminate_backend`), the group on it fails and goes
+/// again on a new connection: the caller never sees the failure.
+#[tokio::test]
+async fn postgres_writer_replaces_a_connection_the_server_ended() -> TestResult {
+    let database = TestDatabase::create("ingest_reconnect").await?;
+    let (store, ingester) = writer_with_a_connection(database.url()).await?;
 
     let ended: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -285,5 +293,65 @@ async fn postgres_writer_replaces_a_connection_the_server_ended() -> TestResult 
         .ok_or("the call after the connection ended is stored")?;
     assert_eq!(stored.name, "After");
     store.close().await;
+    database.drop_database().await
+}
+
+/// A Postgres host that vanishes (a failover to another address, a network partition) ends no
+/// connection: statements on it wait for the system's TCP timeout, 15 minutes on Linux. The writer
+/// gives the group up after 5 s, tries a new connection once, and answers every call of the group
+/// with the failure at once instead of trying each on its own (5 s more per call). Once the
+/// database can be reached again, the writer stores calls again, the refused ones included.
+#[tokio::test]
+async fn postgres_writer_gives_up_a_database_that_stopped_answering() -> TestResult {
+    let database = TestDatabase::create("ingest_silence").await?;
+    let relay = TcpRelay::start(database.server_addr().await?).await?;
+    let (_store, ingester) = writer_with_a_connection(&database.url_at(relay.addr())?).await?;
+
+    relay.cut();
+    let calls = || {
+        (0..20)
+            .map(|n| {
+                call(
+                    HanaEventKind::LeadCreated,
+                    &format!("lead-silenced-{n}"),
+                    "Silenced",
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // Expected after ~10 s (the group's 5 s, then 5 s for a new connection); without a deadline
+    // the group waits out the TCP timeout and this one fails.
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(40),
+        ingester.ingest_all(calls()),
+    )
+    .await
+    .map_err(|_| "the writer still waits for a database that stopped answering")?;
+    for outcome in &refused {
+        let Err(error) = outcome else {
+            panic!("a call was answered as stored while the database was silent: {outcome:?}");
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains("did not answer within 5 s")
+                || message.contains("no connection within 5 s"),
+            "the failure says the database is silent: {message}"
+        );
+    }
+
+    relay.restore();
+    let stored = ingester.ingest_all(calls()).await;
+    for outcome in stored {
+        let outcome = outcome?;
+        assert!(!outcome.duplicate && !outcome.quarantined, "{outcome:?}");
+    }
+    // Read past the relay: the pool's connections through it went silent at the cut.
+    let direct = Store::connect(&database.url().parse()?).await?;
+    let lead = lead_by_hana_id(&direct, "lead-silenced-19")
+        .await?
+        .ok_or("a call refused while the database was silent is stored when sent again")?;
+    assert_eq!(lead.name, "Silenced");
+    direct.close().await;
+    drop(relay);
     database.drop_database().await
 }

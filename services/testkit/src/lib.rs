@@ -3,6 +3,7 @@
 
 pub mod openapi;
 pub mod pipedrive;
+pub mod relay;
 pub mod salesman;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -52,6 +53,28 @@ impl TestDatabase {
     /// The database's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The address of the server the database is on.
+    pub async fn server_addr(&self) -> Result<std::net::SocketAddr, Error> {
+        let url = url::Url::parse(&self.url)?;
+        let host = url
+            .host_str()
+            .ok_or("the test database URL names no host")?;
+        tokio::net::lookup_host((host, url.port().unwrap_or(5432)))
+            .await?
+            .next()
+            .ok_or_else(|| format!("{host} has no address").into())
+    }
+
+    /// The database's URL with the server at `addr` instead, e.g. a [`relay::TcpRelay`].
+    pub fn url_at(&self, addr: std::net::SocketAddr) -> Result<String, Error> {
+        let mut url = url::Url::parse(&self.url)?;
+        url.set_ip_host(addr.ip())
+            .map_err(|()| "the test database URL cannot take an IP address")?;
+        url.set_port(Some(addr.port()))
+            .map_err(|()| "the test database URL cannot take a port")?;
+        Ok(url.into())
     }
 
     /// Drops the database, closing any connection still open to it.
