@@ -290,9 +290,10 @@ trait Committer {
     }
 
     /// Commits a group, retrying when another replica created one of its entities first (the
-    /// retry reads that entity and applies the group on top of it), and once when a connection
-    /// kept from an earlier group failed: Postgres may have ended it (a restart, a failover) and
-    /// the retry opens a new one. A connection that could not be opened is not tried again.
+    /// retry reads that entity and applies the group on top of it), and once on a new connection
+    /// when the connection failed after it was open: Postgres may have ended one kept from an
+    /// earlier group (a restart, a failover). A connection that could not be opened is not tried
+    /// again.
     async fn commit(&mut self, calls: &[&CheckedCall]) -> Result<Vec<IngestOutcome>, IngestError> {
         const ATTEMPTS: usize = 3;
         let mut attempt = 1;
