@@ -22,6 +22,10 @@
 //! - Idempotency: the job id is the idempotency key of every call, so an adapter that sees a
 //!   retry after a crash between its call and this commit finds what it made instead of making
 //!   it again.
+//! - A silent store: each store operation is given up after `STORE_DEADLINE` (15 s), so a statement
+//!   caught in flight by a database host going silent holds neither the loop nor a job's slot.
+//!   A job whose outcome could not be recorded stays `running` until its lease passes, then runs
+//!   again.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -56,6 +60,13 @@ const PER_TARGET: usize = 8;
 
 /// How often an idle runner looks for due jobs.
 const IDLE: Duration = Duration::from_millis(200);
+
+/// How long one of the runner's store operations may take before it is given up (a transaction
+/// given up rolls back). A statement in flight when the database's host goes silent (a failover
+/// to another address, a partition) would otherwise wait for the system's TCP timeout, ~15 min on
+/// Linux, and hold the runner's loop, or a job's slot, as long. Above any wait a store that
+/// answers makes: 5 s for a pooled connection, then up to 5 s for SQLite's write lock.
+const STORE_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The first retry delay, doubled per attempt.
 const FIRST_RETRY_MS: i64 = 1000;
@@ -126,6 +137,7 @@ pub struct JobRunner {
     store: Store,
     adapters: Arc<HashMap<System, Target>>,
     lease_ms: i64,
+    store_deadline: Duration,
 }
 
 impl JobRunner {
@@ -142,6 +154,7 @@ impl JobRunner {
             store,
             adapters: Arc::new(adapters),
             lease_ms: lease_ms(DEFAULT_LEASE),
+            store_deadline: STORE_DEADLINE,
         })
     }
 
@@ -150,6 +163,29 @@ impl JobRunner {
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease_ms = lease_ms(lease);
         self
+    }
+
+    /// The same runner, giving a store operation up after `deadline` instead of
+    /// [`STORE_DEADLINE`].
+    #[cfg(test)]
+    fn with_store_deadline(mut self, deadline: Duration) -> Self {
+        self.store_deadline = deadline;
+        self
+    }
+
+    /// `operation`, or the store's silence once it has taken longer than the store deadline.
+    async fn within_deadline<T, E: From<StoreError>>(
+        &self,
+        operation: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        match tokio::time::timeout(self.store_deadline, operation).await {
+            Ok(done) => done,
+            Err(_) => Err(StoreError::Unanswered {
+                database: self.store.database().to_owned(),
+                after: self.store_deadline,
+            }
+            .into()),
+        }
     }
 
     /// Runs due jobs until `shutdown`, then lets the jobs in flight finish.
@@ -163,7 +199,7 @@ impl JobRunner {
         let mut running = tokio::task::JoinSet::new();
         let mut in_flight: HashMap<System, usize> = HashMap::new();
         loop {
-            if let Err(error) = self.release_expired_leases().await {
+            if let Err(error) = self.within_deadline(self.release_expired_leases()).await {
                 tracing::warn!(%error, "the job runner could not take back the jobs of a dead runner; it tries again");
             }
             for target in self.adapters.keys().copied() {
@@ -172,7 +208,7 @@ impl JobRunner {
                 if room == 0 {
                     continue;
                 }
-                match self.claim(target, room).await {
+                match self.within_deadline(self.claim(target, room)).await {
                     Ok(claimed) => {
                         *in_flight.entry(target).or_default() += claimed.len();
                         for job in claimed {
@@ -318,7 +354,7 @@ impl JobRunner {
             },
             () = self.renew_lease(job) => return Ok(()),
         };
-        self.finish(job, finished).await
+        self.within_deadline(self.finish(job, finished)).await
     }
 
     /// Keeps `job`'s lease alive, renewing it every third of the lease; returns only if the job
@@ -328,15 +364,16 @@ impl JobRunner {
         let every = Duration::from_millis(u64::try_from(self.lease_ms / 3).unwrap_or(1).max(1));
         loop {
             tokio::time::sleep(every).await;
-            let renewed =
-                sqlx::query(
-                    "UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'running' AND claim = $3",
-                )
-                .bind(now_ms())
-                .bind(job_id)
-                .bind(&job.claim)
-                    .execute(self.store.pool())
-                    .await;
+            let renew = sqlx::query(
+                "UPDATE jobs SET updated_at = $1 WHERE id = $2 AND state = 'running' AND claim = $3",
+            )
+            .bind(now_ms())
+            .bind(job_id)
+            .bind(&job.claim)
+            .execute(self.store.pool());
+            let renewed = self
+                .within_deadline(async { renew.await.map_err(StoreError::from) })
+                .await;
             match renewed {
                 Ok(result) if result.rows_affected() == 0 => {
                     tracing::warn!(
@@ -359,19 +396,21 @@ impl JobRunner {
         let gone = || Finished::Dead(format!("entity {} no longer exists", job.entity_id));
         let store_error = |error: StoreError| tonic::Status::unavailable(error.to_string());
         let lead = || async {
-            get_lead(pool, &EntityKey::Id(job.entity_id.clone()))
+            self.within_deadline(get_lead(pool, &EntityKey::Id(job.entity_id.clone())))
                 .await
                 .map_err(store_error)
         };
         let deal_and_contact = || async {
-            let Some(deal) = get_deal(pool, &EntityKey::Id(job.entity_id.clone()))
+            let Some(deal) = self
+                .within_deadline(get_deal(pool, &EntityKey::Id(job.entity_id.clone())))
                 .await
                 .map_err(store_error)?
             else {
                 return Ok::<_, tonic::Status>(None);
             };
             let contact = match deal.contact.as_ref().map(|contact| contact.lead_id.clone()) {
-                Some(lead_id) if !lead_id.is_empty() => get_lead(pool, &EntityKey::Id(lead_id))
+                Some(lead_id) if !lead_id.is_empty() => self
+                    .within_deadline(get_lead(pool, &EntityKey::Id(lead_id)))
                     .await
                     .map_err(store_error)?,
                 _ => None,
@@ -714,6 +753,12 @@ mod tests {
         let url: leadrelay_runtime::config::DatabaseUrl =
             format!("sqlite://{}/runner.db", folder.display()).parse()?;
         let store = Store::connect(&url).await?;
+        add_a_job(&store).await?;
+        Ok(store)
+    }
+
+    /// Migrates `store` and adds a pending Pipedrive job, `job_1`, due now.
+    async fn add_a_job(store: &Store) -> Result<(), StoreError> {
         store.migrate().await?;
         let now = now_ms();
         sqlx::query(
@@ -732,7 +777,7 @@ mod tests {
         .bind(now)
         .execute(store.pool())
         .await?;
-        Ok(store)
+        Ok(())
     }
 
     async fn state_of(store: &Store) -> Result<String, sqlx::Error> {
@@ -790,6 +835,75 @@ mod tests {
             )
             .await?;
         assert_eq!(state_of(&store).await?, "done");
+        Ok(())
+    }
+
+    /// A statement in flight when the database's host goes silent (a failover to another
+    /// address, a partition) never gets its answer. The runner gives it up at its store deadline
+    /// and goes on, and runs the job once the database can be reached again; without the
+    /// deadline its loop waits for the system's TCP timeout (~15 min).
+    #[tokio::test]
+    async fn a_database_that_goes_silent_mid_statement_does_not_hold_the_runner()
+    -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        use leadrelay_testkit::{TestDatabase, relay::TcpRelay};
+
+        let database = TestDatabase::create("runner_silence").await?;
+        let relay = TcpRelay::start(database.server_addr().await?).await?;
+        let store = Store::connect(&database.url_at(relay.addr())?.parse()?).await?;
+        add_a_job(&store).await?;
+        let direct = Store::connect(&database.url().parse()?).await?;
+        // Another session holds the jobs table: the runner's first statement waits in Postgres,
+        // in flight, until the relay goes silent.
+        let mut holder = direct.pool().begin().await?;
+        sqlx::query("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *holder)
+            .await?;
+        let adapter: url::Url = "http://127.0.0.1:9".parse()?;
+        let runner = JobRunner::new(store.clone(), &[(System::Pipedrive, adapter)])?
+            .with_store_deadline(Duration::from_secs(1));
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(runner.run(shutdown.clone()));
+
+        let waiting_since = std::time::Instant::now();
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE 'UPDATE jobs%'",
+            )
+            .fetch_one(&mut *holder)
+            .await?;
+            if waiting > 0 {
+                break;
+            }
+            if waiting_since.elapsed() > Duration::from_secs(10) {
+                return Err("the runner's statement never waited for the lock".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay.cut();
+        holder.rollback().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        relay.restore();
+
+        // The adapter is not there, so running the job records a retry.
+        let tried_since = std::time::Instant::now();
+        loop {
+            let attempts: i64 = sqlx::query_scalar("SELECT attempts FROM jobs WHERE id = 'job_1'")
+                .fetch_one(direct.pool())
+                .await?;
+            if attempts >= 1 {
+                break;
+            }
+            if tried_since.elapsed() > Duration::from_secs(30) {
+                return Err("the runner still waits for the statement the silence caught".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), running).await??;
+        direct.close().await;
+        drop(relay);
+        database.drop_database().await?;
         Ok(())
     }
 
