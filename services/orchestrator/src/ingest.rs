@@ -368,22 +368,14 @@ impl Committer for PostgresCommitter {
             Some(connection) => connection,
             None => self.store.open_connection().await?,
         };
-        let committed =
-            match tokio::time::timeout(POSTGRES_GROUP_DEADLINE, commit_on(&mut connection, calls))
-                .await
-            {
-                Ok(committed) => committed,
-                // Dropped, not closed: closing waits for a server that does not answer.
-                Err(_) => {
-                    return Err(IngestError::Store(StoreError::Unanswered {
-                        database: self.store.database().to_owned(),
-                        after: POSTGRES_GROUP_DEADLINE,
-                    }));
-                }
-            };
+        let committed = self
+            .store
+            .within(POSTGRES_GROUP_DEADLINE, commit_on(&mut connection, calls))
+            .await;
         match &committed {
             Ok(_) | Err(IngestError::Conflict) => self.connection = Some(connection),
-            // A broken connection is dropped as it is.
+            // A broken or silent connection is dropped as it is: closing waits for a server that
+            // does not answer.
             Err(error) if error.is_connection_failure() => {}
             Err(_) => {
                 if let Err(error) = connection.close().await {

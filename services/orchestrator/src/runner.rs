@@ -173,19 +173,12 @@ impl JobRunner {
         self
     }
 
-    /// `operation`, or the store's silence once it has taken longer than the store deadline.
+    /// `operation`, given up after the store deadline (see [`Store::within`]).
     async fn within_deadline<T, E: From<StoreError>>(
         &self,
         operation: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        match tokio::time::timeout(self.store_deadline, operation).await {
-            Ok(done) => done,
-            Err(_) => Err(StoreError::Unanswered {
-                database: self.store.database().to_owned(),
-                after: self.store_deadline,
-            }
-            .into()),
-        }
+        self.store.within(self.store_deadline, operation).await
     }
 
     /// Runs due jobs until `shutdown`, then lets the jobs in flight finish.

@@ -220,6 +220,25 @@ impl Store {
         }
     }
 
+    /// `operation` on this store, or [`StoreError::Unanswered`] once it has taken longer than
+    /// `deadline`. A statement in flight when the database's host goes silent (a failover to
+    /// another address, a partition) never fails by itself: it waits for the system's TCP
+    /// timeout, ~15 min on Linux. Dropping `operation` drops its connection unanswered.
+    pub(crate) async fn within<T, E: From<StoreError>>(
+        &self,
+        deadline: Duration,
+        operation: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        match tokio::time::timeout(deadline, operation).await {
+            Ok(done) => done,
+            Err(_) => Err(StoreError::Unanswered {
+                database: self.database.clone(),
+                after: deadline,
+            }
+            .into()),
+        }
+    }
+
     /// The database, without its password.
     pub fn database(&self) -> &str {
         &self.database
