@@ -859,11 +859,13 @@ mod tests {
 
         let waiting_since = std::time::Instant::now();
         loop {
+            // Asked outside the holder's transaction: Postgres shows a transaction the
+            // activity it saw at its first look, so the holder would never see the runner arrive.
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                  AND wait_event_type = 'Lock' AND query LIKE 'UPDATE jobs%'",
             )
-            .fetch_one(&mut *holder)
+            .fetch_one(direct.pool())
             .await?;
             if waiting > 0 {
                 break;
