@@ -7,6 +7,10 @@
 //! even killed, resumes after the last record it stored, missing nothing and repeating nothing.
 //! On its first run a stream starts at the newest record without storing the ones before:
 //! they are not new.
+//!
+//! Each store operation is given up after `STORE_DEADLINE` (15 s): a statement caught in flight
+//! by a database host going silent fails the poll instead of holding the poll loop for the
+//! system's TCP timeout (~15 min). The next poll starts at the stored watermark.
 
 use std::time::Duration;
 
@@ -26,7 +30,7 @@ use tracing::Instrument as _;
 use crate::{
     ingest::IngestError,
     pipedrive_events::{Watermark, ingest_pipedrive, set_watermark, watermark},
-    store::{Store, StoreError},
+    store::{STORE_DEADLINE, Store, StoreError},
 };
 
 /// Records asked for per call.
@@ -141,6 +145,8 @@ pub struct PipedrivePoller {
     adapter: PipedriveAdapterServiceClient<TracedChannel>,
     /// One poll at a time (the timer's and TriggerPoll's), so a watermark only moves forward.
     running: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// How long one store operation may take (see [`STORE_DEADLINE`]).
+    store_deadline: Duration,
 }
 
 impl PipedrivePoller {
@@ -150,7 +156,16 @@ impl PipedrivePoller {
             store,
             adapter: PipedriveAdapterServiceClient::new(lazy_channel(adapter_url)?),
             running: std::sync::Arc::default(),
+            store_deadline: STORE_DEADLINE,
         })
+    }
+
+    /// The same poller, giving a store operation up after `deadline` instead of
+    /// [`STORE_DEADLINE`].
+    #[cfg(test)]
+    fn with_store_deadline(mut self, deadline: Duration) -> Self {
+        self.store_deadline = deadline;
+        self
     }
 
     /// Polls every stream once; returns how many new records were stored.
@@ -197,19 +212,23 @@ impl PipedrivePoller {
 
     async fn poll_stream(&self, stream: Stream) -> Result<u32, PollError> {
         let name = stream.name();
-        let Some(stored_at) = watermark(&self.store, SYSTEM, name).await? else {
+        let Some(stored_at) = self
+            .store
+            .within(self.store_deadline, watermark(&self.store, SYSTEM, name))
+            .await?
+        else {
             // First run: start at the newest record.
             let (_, newest) = self.fetch(stream, 0).await?;
             let value = newest.to_string();
-            set_watermark(
+            let started = set_watermark(
                 &self.store,
                 Watermark {
                     system: SYSTEM,
                     stream: name,
                     value: &value,
                 },
-            )
-            .await?;
+            );
+            self.store.within(self.store_deadline, started).await?;
             tracing::info!(
                 stream = name,
                 watermark = newest,
@@ -226,17 +245,21 @@ impl PipedrivePoller {
             let full_page = records.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
             for record in records {
                 let value = record.id.to_string();
-                let outcome = ingest_pipedrive(
+                let traceparent = current_traceparent();
+                let stored_record = ingest_pipedrive(
                     &self.store,
                     &record.request,
-                    current_traceparent().as_deref(),
+                    traceparent.as_deref(),
                     Some(Watermark {
                         system: SYSTEM,
                         stream: name,
                         value: &value,
                     }),
-                )
-                .await?;
+                );
+                let outcome = self
+                    .store
+                    .within(self.store_deadline, stored_record)
+                    .await?;
                 after_id = after_id.max(record.id);
                 if !outcome.duplicate {
                     stored += 1;
@@ -287,5 +310,63 @@ pub(crate) async fn every<F, Fut>(
                 tracing::warn!(system, %error, "poll failed; the next one starts where it stopped")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::RelayedDatabase;
+
+    type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// The adapter's address: nothing listens there, so a poll that gets past the store fails
+    /// at the adapter.
+    const NO_ADAPTER: &str = "http://127.0.0.1:9";
+
+    /// A statement in flight when the database's host goes silent never gets its answer. The
+    /// poll gives it up at the store deadline, and the next poll reaches the store again; without
+    /// the deadline the poll waits for the system's TCP timeout (~15 min).
+    #[tokio::test]
+    async fn a_database_that_goes_silent_mid_statement_fails_the_poll_instead_of_holding_it()
+    -> TestResult {
+        let database = RelayedDatabase::create("poller_silence").await?;
+        let stored = Watermark {
+            system: SYSTEM,
+            stream: Stream::Deals.name(),
+            value: "5",
+        };
+        set_watermark(&database.direct, stored).await?;
+        // Another session holds the watermarks: the poll's first statement waits in Postgres,
+        // in flight, until the relay goes silent.
+        let holder = database.hold("poll_watermarks").await?;
+        let poller = PipedrivePoller::new(database.relayed.clone(), &NO_ADAPTER.parse()?)?
+            .with_store_deadline(Duration::from_secs(1));
+        let polled = database
+            .silence_mid_statement(holder, "SELECT watermark", {
+                let poller = poller.clone();
+                async move { poller.poll_once().await }
+            })
+            .await?;
+        assert!(
+            matches!(polled, Err(PollError::Store(StoreError::Unanswered { .. }))),
+            "{polled:?}"
+        );
+
+        // Once the database answers again, a poll reads its watermark and goes on to the
+        // adapter, which is not there.
+        database.relay.restore();
+        let restored_at = std::time::Instant::now();
+        loop {
+            match poller.poll_once().await {
+                Err(PollError::Adapter(_)) => break,
+                other if restored_at.elapsed() > Duration::from_secs(20) => {
+                    return Err(format!("the poll did not reach the store again: {other:?}").into());
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        database.drop_database().await?;
+        Ok(())
     }
 }

@@ -45,7 +45,7 @@ use crate::{
     poller::lazy_channel,
     queries::{EntityKey, get_deal, get_lead},
     routes::{Operation, system_from_name, system_name},
-    store::{Store, StoreError},
+    store::{STORE_DEADLINE, Store, StoreError},
 };
 
 /// Attempts before a job is dead.
@@ -60,13 +60,6 @@ const PER_TARGET: usize = 8;
 
 /// How often an idle runner looks for due jobs.
 const IDLE: Duration = Duration::from_millis(200);
-
-/// How long one of the runner's store operations may take before it is given up (a transaction
-/// given up rolls back). A statement in flight when the database's host goes silent (a failover
-/// to another address, a partition) would otherwise wait for the system's TCP timeout, ~15 min on
-/// Linux, and hold the runner's loop, or a job's slot, as long. Above any wait a store that
-/// answers makes: 5 s for a pooled connection, then up to 5 s for SQLite's write lock.
-const STORE_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The first retry delay, doubled per attempt.
 const FIRST_RETRY_MS: i64 = 1000;
@@ -838,53 +831,29 @@ mod tests {
     #[tokio::test]
     async fn a_database_that_goes_silent_mid_statement_does_not_hold_the_runner()
     -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        use leadrelay_testkit::{TestDatabase, relay::TcpRelay};
-
-        let database = TestDatabase::create("runner_silence").await?;
-        let relay = TcpRelay::start(database.server_addr().await?).await?;
-        let store = Store::connect(&database.url_at(relay.addr())?.parse()?).await?;
+        let database = crate::store::testing::RelayedDatabase::create("runner_silence").await?;
+        let store = database.relayed.clone();
         add_a_job(&store).await?;
-        let direct = Store::connect(&database.url().parse()?).await?;
         // Another session holds the jobs table: the runner's first statement waits in Postgres,
         // in flight, until the relay goes silent.
-        let mut holder = direct.pool().begin().await?;
-        sqlx::query("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut *holder)
-            .await?;
+        let holder = database.hold("jobs").await?;
         let adapter: url::Url = "http://127.0.0.1:9".parse()?;
         let runner = JobRunner::new(store.clone(), &[(System::Pipedrive, adapter)])?
             .with_store_deadline(Duration::from_secs(1));
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(runner.run(shutdown.clone()));
 
-        let waiting_since = std::time::Instant::now();
-        loop {
-            // Asked outside the holder's transaction: Postgres shows a transaction the
-            // activity it saw at its first look, so the holder would never see the runner arrive.
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND query LIKE 'UPDATE jobs%'",
-            )
-            .fetch_one(direct.pool())
-            .await?;
-            if waiting > 0 {
-                break;
-            }
-            if waiting_since.elapsed() > Duration::from_secs(10) {
-                return Err("the runner's statement never waited for the lock".into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        relay.cut();
+        database.until_waiting("UPDATE jobs").await?;
+        database.relay.cut();
         holder.rollback().await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        relay.restore();
+        database.relay.restore();
 
         // The adapter is not there, so running the job records a retry.
         let tried_since = std::time::Instant::now();
         loop {
             let attempts: i64 = sqlx::query_scalar("SELECT attempts FROM jobs WHERE id = 'job_1'")
-                .fetch_one(direct.pool())
+                .fetch_one(database.direct.pool())
                 .await?;
             if attempts >= 1 {
                 break;
@@ -896,8 +865,6 @@ mod tests {
         }
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(20), running).await??;
-        direct.close().await;
-        drop(relay);
         database.drop_database().await?;
         Ok(())
     }

@@ -7,6 +7,9 @@
 //! twice (the event's key, "lead:<id>:status:<status>", also makes a repeat a duplicate). A lead
 //! seen for the first time is only recorded, unless LeadRelay linked it and it has already left
 //! "open": that change happened while nobody was looking.
+//!
+//! Recording a lead is given up after `STORE_DEADLINE` (15 s), as in the Pipedrive poller: a
+//! database host going silent fails the poll instead of holding its loop for the TCP timeout.
 
 use leadrelay_proto::salesman::v1::{
     Lead, ListLeadsRequest, ListOrderDirection,
@@ -20,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     ingest::{IngestError, new_id, now_ms},
     poller::{PollError, every, lazy_channel},
-    store::Store,
+    store::{STORE_DEADLINE, Store},
 };
 
 /// The canonical sales status of a SalesMan status code.
@@ -52,6 +55,8 @@ pub struct SalesManPoller {
     store: Store,
     adapter: SalesManAdapterServiceClient<TracedChannel>,
     running: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// How long recording one lead may take (see [`STORE_DEADLINE`]).
+    store_deadline: std::time::Duration,
 }
 
 impl SalesManPoller {
@@ -61,7 +66,16 @@ impl SalesManPoller {
             store,
             adapter: SalesManAdapterServiceClient::new(lazy_channel(adapter_url)?),
             running: std::sync::Arc::default(),
+            store_deadline: STORE_DEADLINE,
         })
+    }
+
+    /// The same poller, giving recording a lead up after `deadline` instead of
+    /// [`STORE_DEADLINE`].
+    #[cfg(test)]
+    fn with_store_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.store_deadline = deadline;
+        self
     }
 
     /// Lists the leads once; returns how many status changes were stored.
@@ -79,7 +93,11 @@ impl SalesManPoller {
         let mut stored = 0;
         while let Some(item) = stream.next().await {
             let Some(lead) = item?.lead else { continue };
-            if self.record(&lead).await? {
+            if self
+                .store
+                .within(self.store_deadline, self.record(&lead))
+                .await?
+            {
                 stored += 1;
             }
         }
@@ -234,4 +252,131 @@ async fn follow_status_change(
         tracing::info!(lead = %entity_id, salesman_lead = %lead_id, status, "salesman status goes back to hana");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use leadrelay_proto::salesman::v1::{
+        AddLeadRequest, AddLeadResponse, GetLeadRequest, GetLeadResponse, GetLeadStatsRequest,
+        GetLeadStatsResponse, LeadStatus, ListLeadsResponse,
+        sales_man_adapter_service_server::{SalesManAdapterService, SalesManAdapterServiceServer},
+    };
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::store::{StoreError, testing::RelayedDatabase};
+
+    type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// A SalesMan adapter whose CRM holds one lead, in work.
+    struct OneLeadInWork;
+
+    #[tonic::async_trait]
+    impl SalesManAdapterService for OneLeadInWork {
+        async fn add_lead(
+            &self,
+            _: Request<AddLeadRequest>,
+        ) -> Result<Response<AddLeadResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn get_lead(
+            &self,
+            _: Request<GetLeadRequest>,
+        ) -> Result<Response<GetLeadResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        type ListLeadsStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<ListLeadsResponse, Status>>>;
+
+        async fn list_leads(
+            &self,
+            _: Request<ListLeadsRequest>,
+        ) -> Result<Response<Self::ListLeadsStream>, Status> {
+            let lead = Lead {
+                id: 7,
+                status: LeadStatus::InWork.into(),
+                ..Lead::default()
+            };
+            Ok(Response::new(tokio_stream::iter(vec![Ok(
+                ListLeadsResponse {
+                    lead: Some(lead),
+                    page: 0,
+                },
+            )])))
+        }
+
+        async fn get_lead_stats(
+            &self,
+            _: Request<GetLeadStatsRequest>,
+        ) -> Result<Response<GetLeadStatsResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// Serves [`OneLeadInWork`] on a free loopback port; returns its URL.
+    async fn start_adapter() -> Result<url::Url, Box<dyn std::error::Error + Send + Sync>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?).parse()?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(SalesManAdapterServiceServer::new(OneLeadInWork))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        Ok(url)
+    }
+
+    /// Recording a lead caught in flight by a database host going silent is given up at the
+    /// store deadline, and the next poll records it; without the deadline the poll waits for the
+    /// system's TCP timeout (~15 min).
+    #[tokio::test]
+    async fn a_database_that_goes_silent_mid_statement_fails_the_poll_instead_of_holding_it()
+    -> TestResult {
+        let database = RelayedDatabase::create("salesman_poller_silence").await?;
+        // Another session holds the statuses: recording the lead waits in Postgres, in flight,
+        // until the relay goes silent.
+        let holder = database.hold("salesman_lead_status").await?;
+        let poller = SalesManPoller::new(database.relayed.clone(), &start_adapter().await?)?
+            .with_store_deadline(Duration::from_secs(1));
+        let polled = database
+            .silence_mid_statement(holder, "SELECT status FROM salesman_lead_status", {
+                let poller = poller.clone();
+                async move { poller.poll_once().await }
+            })
+            .await?;
+        assert!(
+            matches!(
+                polled,
+                Err(PollError::Ingest(IngestError::Store(
+                    StoreError::Unanswered { .. }
+                )))
+            ),
+            "{polled:?}"
+        );
+
+        // Once the database answers again, the next poll records the lead.
+        database.relay.restore();
+        let restored_at = Instant::now();
+        loop {
+            let polled = poller.poll_once().await;
+            let seen: Option<String> =
+                sqlx::query_scalar("SELECT status FROM salesman_lead_status WHERE lead_id = '7'")
+                    .fetch_optional(database.direct.pool())
+                    .await?;
+            if seen.as_deref() == Some("1") {
+                break;
+            }
+            if restored_at.elapsed() > Duration::from_secs(20) {
+                return Err(
+                    format!("the lead was not recorded after the restore: {polled:?}").into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        database.drop_database().await?;
+        Ok(())
+    }
 }

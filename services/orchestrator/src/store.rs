@@ -18,6 +18,13 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
 
+/// How long a background loop's store operation (the job runner's, the pollers') may take before
+/// it is given up (a transaction given up rolls back). A statement in flight when the database's
+/// host goes silent (a failover to another address, a partition) would otherwise wait for the
+/// system's TCP timeout, ~15 min on Linux, and hold the loop as long. Above any wait a store that
+/// answers makes: 5 s for a pooled connection, then up to 5 s for SQLite's write lock.
+pub(crate) const STORE_DEADLINE: Duration = Duration::from_secs(15);
+
 /// How long a Postgres connection is waited for: one from the pool, or a new one of the ingest
 /// writer's own (see [`Store::open_connection`]).
 const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -284,6 +291,118 @@ fn create_parent_folder(path: &Path) -> Result<(), StoreError> {
             })
         }
         _ => Ok(()),
+    }
+}
+
+/// Helpers for tests that catch a statement in flight when the database's host goes silent.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::{Duration, Instant};
+
+    use leadrelay_testkit::{TestDatabase, relay::TcpRelay};
+
+    use super::Store;
+
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    /// A migrated Postgres test database, reached by the code under test through a relay the
+    /// test can silence, and by the test directly.
+    pub(crate) struct RelayedDatabase {
+        database: TestDatabase,
+        pub(crate) relay: TcpRelay,
+        /// The store through the relay: the one the code under test gets.
+        pub(crate) relayed: Store,
+        /// The store reached directly: for setting up, holding locks and checking.
+        pub(crate) direct: Store,
+    }
+
+    impl RelayedDatabase {
+        pub(crate) async fn create(purpose: &str) -> Result<Self, Error> {
+            let database = TestDatabase::create(purpose).await?;
+            let relay = TcpRelay::start(database.server_addr().await?).await?;
+            let relayed = Store::connect(&database.url_at(relay.addr())?.parse()?).await?;
+            let direct = Store::connect(&database.url().parse()?).await?;
+            direct.migrate().await?;
+            Ok(Self {
+                database,
+                relay,
+                relayed,
+                direct,
+            })
+        }
+
+        /// Locks `table` from a session of its own until the returned transaction ends, so that
+        /// a statement on it waits in Postgres, in flight.
+        pub(crate) async fn hold(
+            &self,
+            table: &str,
+        ) -> Result<sqlx::Transaction<'static, sqlx::Any>, Error> {
+            let mut holder = self.direct.pool().begin().await?;
+            sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+                .execute(&mut *holder)
+                .await?;
+            Ok(holder)
+        }
+
+        /// Waits until a statement starting with `statement_start` waits for a lock.
+        pub(crate) async fn until_waiting(&self, statement_start: &str) -> Result<(), Error> {
+            until_a_statement_waits_for_a_lock(&self.direct, statement_start).await
+        }
+
+        /// Runs `operation` until a statement starting with `statement_start` waits for the
+        /// lock `holder` holds, then silences the relay and lets the lock go: the statement runs,
+        /// and its answer never arrives. Returns what `operation` returned; fails when it has not
+        /// returned within 30 s.
+        pub(crate) async fn silence_mid_statement<T: Send + 'static>(
+            &self,
+            holder: sqlx::Transaction<'static, sqlx::Any>,
+            statement_start: &str,
+            operation: impl std::future::Future<Output = T> + Send + 'static,
+        ) -> Result<T, Error> {
+            let running = tokio::spawn(operation);
+            self.until_waiting(statement_start).await?;
+            self.relay.cut();
+            holder.rollback().await?;
+            Ok(tokio::time::timeout(Duration::from_secs(30), running)
+                .await
+                .map_err(|_| "still waiting for the statement the silence caught")??)
+        }
+
+        pub(crate) async fn drop_database(self) -> Result<(), Error> {
+            self.direct.close().await;
+            self.relayed.close().await;
+            drop(self.relay);
+            self.database.drop_database().await?;
+            Ok(())
+        }
+    }
+
+    /// Waits until a statement starting with `statement_start` waits for a lock in the Postgres
+    /// database `direct` is connected to. Asked through `direct`'s pool, outside any transaction
+    /// holding the lock: Postgres shows a transaction the activity it saw at its first look.
+    async fn until_a_statement_waits_for_a_lock(
+        direct: &Store,
+        statement_start: &str,
+    ) -> Result<(), Error> {
+        let since = Instant::now();
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND starts_with(query, $1)",
+            )
+            .bind(statement_start)
+            .fetch_one(direct.pool())
+            .await?;
+            if waiting > 0 {
+                return Ok(());
+            }
+            if since.elapsed() > Duration::from_secs(10) {
+                return Err(
+                    format!("no statement '{statement_start}…' waited for the lock").into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
