@@ -9,7 +9,9 @@
 //! with the reason printed, when unreachable.
 //!
 //! The load generator runs in this process and shares the machine's cores with the servers, for
-//! every target alike: compare the ratios, not the absolute figures.
+//! every target alike: compare the ratios, not the absolute figures. A second table shows each
+//! engine's ingest writer, read from the process's metrics: its serial time per webhook, its busy
+//! share and the webhooks per transaction.
 
 use std::{
     collections::HashMap,
@@ -24,7 +26,10 @@ use std::{
 use axum::{Json, Router, body::Bytes, routing::post};
 use leadrelay_gateway::GatewayConfig;
 use leadrelay_orchestrator::IngestPolicy;
-use leadrelay_runtime::Settings;
+use leadrelay_runtime::{
+    Settings,
+    metrics::{IngestWriterTotals, metrics},
+};
 use leadrelay_testkit::TestDatabase;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +52,17 @@ struct Measurement {
     /// CPU time this process spent during the run, load generator included; `None` where
     /// `/proc/self/stat` cannot be read.
     cpu: Option<Duration>,
+    /// What the ingest writer did meanwhile; zero for the bare endpoint.
+    writer: IngestWriterTotals,
+}
+
+/// The ingest writer's totals over a run: the difference of two readings.
+fn writer_since(after: IngestWriterTotals, before: IngestWriterTotals) -> IngestWriterTotals {
+    IngestWriterTotals {
+        groups: after.groups - before.groups,
+        calls: after.calls - before.calls,
+        busy_seconds: after.busy_seconds - before.busy_seconds,
+    }
 }
 
 impl Measurement {
@@ -70,6 +86,17 @@ impl Measurement {
             Some(cpu) if !self.elapsed.is_zero() => cpu.as_secs_f64() / self.elapsed.as_secs_f64(),
             _ => f64::NAN,
         }
+    }
+
+    /// The writer's serial time per webhook it stored, in microseconds: what bounds the rate
+    /// (every other webhook waits while it works).
+    fn writer_us_per_call(&self) -> f64 {
+        self.writer.busy_seconds * 1e6 / self.writer.calls as f64
+    }
+
+    /// The share of the run the writer was busy.
+    fn writer_busy_share(&self) -> f64 {
+        self.writer.busy_seconds / self.elapsed.as_secs_f64()
     }
 
     fn percentile_ms(&self, percentile: f64) -> f64 {
@@ -193,6 +220,7 @@ async fn load(
         elapsed,
         latencies_us,
         cpu,
+        writer: IngestWriterTotals::default(),
     })
 }
 
@@ -256,6 +284,8 @@ async fn start_leadrelay(
 /// A target under load: where to post, and the bodies' sequence, which runs on across rounds.
 struct Target {
     label: &'static str,
+    /// The engine of its ingest writer; `None` for the bare endpoint.
+    engine: Option<&'static str>,
     url: String,
     sequence: Arc<AtomicU64>,
     measured: Measurement,
@@ -264,9 +294,10 @@ struct Target {
 }
 
 impl Target {
-    fn new(label: &'static str, url: String) -> Self {
+    fn new(label: &'static str, engine: Option<&'static str>, url: String) -> Self {
         Self {
             label,
+            engine,
             url,
             sequence: Arc::new(AtomicU64::new(0)),
             measured: Measurement::default(),
@@ -287,7 +318,19 @@ impl Target {
     }
 
     async fn measure_round(&mut self, connections: usize, duration: Duration) -> Result<(), Error> {
+        let writer_before = self
+            .engine
+            .map(|engine| metrics().ingest_writer_totals(engine));
         let round = load(&self.url, connections, duration, self.sequence.clone()).await?;
+        if let (Some(engine), Some(before)) = (self.engine, writer_before) {
+            let spent = writer_since(metrics().ingest_writer_totals(engine), before);
+            let writer = &mut self.measured.writer;
+            *writer = IngestWriterTotals {
+                groups: writer.groups + spent.groups,
+                calls: writer.calls + spent.calls,
+                busy_seconds: writer.busy_seconds + spent.busy_seconds,
+            };
+        }
         if let Some(spent) = round.cpu {
             self.measured.cpu = Some(self.measured.cpu.unwrap_or_default() + spent);
         }
@@ -325,12 +368,14 @@ async fn main() -> Result<(), Error> {
     let bare = start_bare(shutdown.clone()).await?;
     let mut targets = vec![Target::new(
         "bare axum endpoint",
+        None,
         format!("http://{bare}/webhooks/hana/lead.created"),
     )];
     let sqlite_url = format!("sqlite://{}/bench.db", folder.path().display());
     let sqlite = start_leadrelay(&sqlite_url, shutdown.clone()).await?;
     targets.push(Target::new(
         "gateway+orchestrator, SQLite",
+        Some("sqlite"),
         format!("http://{sqlite}/webhooks/hana/lead.created?token={TOKEN}"),
     ));
     let postgres = match TestDatabase::create("bench").await {
@@ -338,6 +383,7 @@ async fn main() -> Result<(), Error> {
             let gateway = start_leadrelay(database.url(), shutdown.clone()).await?;
             targets.push(Target::new(
                 "gateway+orchestrator, Postgres",
+                Some("postgres"),
                 format!("http://{gateway}/webhooks/hana/lead.created?token={TOKEN}"),
             ));
             Ok(database)
@@ -378,7 +424,7 @@ async fn main() -> Result<(), Error> {
     let (bare, others) = targets.split_first_mut().ok_or("no bare target")?;
     bare.measured.latencies_us.sort_unstable();
     row(bare.label, &bare.measured, bare.measured.throughput(), "");
-    for target in others {
+    for target in others.iter_mut() {
         target.measured.latencies_us.sort_unstable();
         let ratios: Vec<f64> = target
             .per_round
@@ -404,6 +450,23 @@ async fn main() -> Result<(), Error> {
     println!(
         "CPU µs/req and cores (CPU time per second) count this process (servers and load generator), not the Postgres server's own processes."
     );
+    // The writer stores the webhooks one group after the other: its time per webhook bounds the
+    // rate, and its busy share says how close to that bound the run came.
+    println!();
+    println!(
+        "{:<34} {:>16} {:>12} {:>16}",
+        "ingest writer", "µs per webhook", "busy", "webhooks/group"
+    );
+    for target in others.iter() {
+        let writer = &target.measured;
+        println!(
+            "{:<34} {:>16.1} {:>11.0}% {:>16.1}",
+            target.label,
+            writer.writer_us_per_call(),
+            100.0 * writer.writer_busy_share(),
+            writer.writer.calls as f64 / writer.writer.groups as f64
+        );
+    }
     shutdown.cancel();
     if let Ok(database) = postgres {
         tokio::time::sleep(Duration::from_millis(500)).await;

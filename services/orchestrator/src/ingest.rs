@@ -214,8 +214,8 @@ impl Ingester {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let handle = store.clone();
         match store.sqlite_path() {
-            Some(path) => spawn_writer("sqlite-writer", SqliteCommitter::open(path)?, receiver)?,
-            None => spawn_writer("postgres-writer", PostgresCommitter::new(store), receiver)?,
+            Some(path) => spawn_writer("sqlite", SqliteCommitter::open(path)?, receiver)?,
+            None => spawn_writer("postgres", PostgresCommitter::new(store), receiver)?,
         }
         Ok(Self {
             queue,
@@ -315,9 +315,10 @@ trait Committer {
     }
 }
 
-/// Runs `committer`'s groups on a thread named `name` with a one-thread runtime of its own.
+/// Runs `committer`'s groups on a thread named after `engine` with a one-thread runtime of its
+/// own.
 fn spawn_writer(
-    name: &str,
+    engine: &'static str,
     committer: impl Committer + Send + 'static,
     receiver: mpsc::Receiver<Vec<Pending>>,
 ) -> Result<(), StoreError> {
@@ -326,8 +327,8 @@ fn spawn_writer(
         .build()
         .map_err(StoreError::Writer)?;
     std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || runtime.block_on(write_groups(committer, receiver)))
+        .name(format!("{engine}-writer"))
+        .spawn(move || runtime.block_on(write_groups(engine, committer, receiver)))
         .map_err(StoreError::Writer)?;
     Ok(())
 }
@@ -548,7 +549,13 @@ impl WriteAheadLog {
     }
 }
 
-async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receiver<Vec<Pending>>) {
+/// Commits the queued calls group after group; counts each group, its calls and the time it took
+/// in the `engine`'s ingest metrics.
+async fn write_groups(
+    engine: &'static str,
+    mut committer: impl Committer,
+    mut receiver: mpsc::Receiver<Vec<Pending>>,
+) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     // A batch that did not fit into the last group starts the next one.
     let mut held_over: Option<Vec<Pending>> = None;
@@ -571,6 +578,9 @@ async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receive
                 Err(_) => break,
             }
         }
+        // The writer's time from here to the answers' hand-off is serial: every other call waits.
+        let started = std::time::Instant::now();
+        let group_calls = group.len();
         let calls: Vec<&CheckedCall> = group.iter().map(|pending| &pending.checked).collect();
         let answers: Vec<Answer> = match committer.commit(&calls).await {
             Ok(outcomes) => group
@@ -606,6 +616,7 @@ async fn write_groups(mut committer: impl Committer, mut receiver: mpsc::Receive
             }
         };
         committer.acknowledge(answers);
+        leadrelay_runtime::metrics::metrics().ingest_group(engine, group_calls, started.elapsed());
     }
 }
 
@@ -763,7 +774,7 @@ mod tests {
         }
         drop(queue);
         let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        write_groups(RecordingCommitter(sizes.clone()), receiver).await;
+        write_groups("test", RecordingCommitter(sizes.clone()), receiver).await;
         // 200 and 100 calls do not fit in one group (256): the 100 start the next group, which
         // the 56 and the 30 join.
         assert_eq!(*sizes.lock().expect("sizes"), vec![200, 186]);

@@ -4,12 +4,13 @@ use leadrelay_orchestrator::{
     IngestPolicy, Store, StoreError,
     ingest::{HanaCall, Ingester},
     queries::{self, EntityKey},
+    store::Backend,
 };
 use leadrelay_proto::{
     json::to_proto_value,
     v1::{HanaEventKind, HanaWebhook, Lead, RawAttribute, System},
 };
-use leadrelay_runtime::config::DatabaseUrl;
+use leadrelay_runtime::{config::DatabaseUrl, metrics::metrics};
 use leadrelay_testkit::{TestDatabase, relay::TcpRelay};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -53,6 +54,11 @@ async fn lead_by_hana_id(store: &Store, hana_id: &str) -> Result<Option<Lead>, S
 }
 
 async fn calls_sharing_a_group(store: Store) -> TestResult {
+    let engine = match store.backend() {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let before = metrics().ingest_writer_totals(engine);
     let ingester =
         Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
     // tokio::join! polls in order, so the calls enter the writer's queue in this order; arriving
@@ -95,6 +101,20 @@ async fn calls_sharing_a_group(store: Store) -> TestResult {
     assert_eq!(
         jobs, 8,
         "two jobs per stored lead event, none for the duplicate"
+    );
+
+    // The metrics count the writer's groups, their calls and its time. Other tests of this
+    // binary may write on the same engine meanwhile: at least these six calls are counted.
+    let after = metrics().ingest_writer_totals(engine);
+    let calls = after.calls - before.calls;
+    assert!(calls >= 6, "{before:?} → {after:?}");
+    assert!(
+        (1..=calls).contains(&(after.groups - before.groups)),
+        "{before:?} → {after:?}"
+    );
+    assert!(
+        after.busy_seconds > before.busy_seconds,
+        "{before:?} → {after:?}"
     );
     Ok(())
 }

@@ -13,6 +13,9 @@
 //! | `leadrelay_crm_call_seconds` | histogram | `system` |
 //! | `leadrelay_rate_limit_waits_total` | counter | `system` |
 //! | `leadrelay_rate_limit_wait_seconds` | histogram | `system` |
+//! | `leadrelay_ingest_groups_total` | counter | `engine` (sqlite, postgres) |
+//! | `leadrelay_ingest_group_calls_total` | counter | `engine` |
+//! | `leadrelay_ingest_writer_busy_seconds_total` | counter | `engine` |
 
 use std::{
     future::Future,
@@ -51,12 +54,26 @@ pub struct Metrics {
     crm_call_time: HistogramFamily,
     rate_limit_waits: Family<Labels, Counter>,
     rate_limit_wait_time: HistogramFamily,
+    ingest_groups: Family<Labels, Counter>,
+    ingest_group_calls: Family<Labels, Counter>,
+    ingest_writer_busy: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
+}
+
+/// The ingest writer's counters on one engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IngestWriterTotals {
+    /// Transactions committed.
+    pub groups: u64,
+    /// Webhook calls handled in them.
+    pub calls: u64,
+    /// Time spent on them.
+    pub busy_seconds: f64,
 }
 
 /// Time buckets from 1 ms to about 33 s, doubling: acks are milliseconds, CRM calls tens to
@@ -146,6 +163,25 @@ impl Metrics {
             "How long a call was held back for a CRM's rate limit",
             rate_limit_wait_time.clone(),
         );
+        let ingest_groups = Family::<Labels, Counter>::default();
+        registry.register(
+            "ingest_groups",
+            "Transactions the ingest writer committed Hana webhooks in, by engine",
+            ingest_groups.clone(),
+        );
+        let ingest_group_calls = Family::<Labels, Counter>::default();
+        registry.register(
+            "ingest_group_calls",
+            "Hana webhook calls the ingest writer handled in those transactions, by engine",
+            ingest_group_calls.clone(),
+        );
+        let ingest_writer_busy =
+            Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "ingest_writer_busy_seconds",
+            "Time the ingest writer, which stores webhooks one group after the other, spent on its groups; its rate is the share of time it is busy, and near 1 it is what limits ingest",
+            ingest_writer_busy.clone(),
+        );
         Self {
             registry,
             refreshers: Mutex::new(Vec::new()),
@@ -159,7 +195,22 @@ impl Metrics {
             crm_call_time,
             rate_limit_waits,
             rate_limit_wait_time,
+            ingest_groups,
+            ingest_group_calls,
+            ingest_writer_busy,
         }
+    }
+
+    /// The ingest writer on `engine` handled a group of `calls` in `busy`.
+    pub fn ingest_group(&self, engine: &str, calls: usize, busy: Duration) {
+        let engine = labels(&[("engine", engine)]);
+        self.ingest_groups.get_or_create(&engine).inc();
+        self.ingest_group_calls
+            .get_or_create(&engine)
+            .inc_by(u64::try_from(calls).unwrap_or(u64::MAX));
+        self.ingest_writer_busy
+            .get_or_create(&engine)
+            .inc_by(busy.as_secs_f64());
     }
 
     /// A webhook from `source` answered with `outcome` after `elapsed`.
@@ -223,6 +274,25 @@ impl Metrics {
         self.rate_limit_wait_time
             .get_or_create(&labels(&[("system", system)]))
             .observe(waited.as_secs_f64());
+    }
+
+    /// What the ingest writer on `engine` has done since the process started.
+    pub fn ingest_writer_totals(&self, engine: &str) -> IngestWriterTotals {
+        let engine = labels(&[("engine", engine)]);
+        IngestWriterTotals {
+            groups: self
+                .ingest_groups
+                .get(&engine)
+                .map_or(0, |count| count.get()),
+            calls: self
+                .ingest_group_calls
+                .get(&engine)
+                .map_or(0, |count| count.get()),
+            busy_seconds: self
+                .ingest_writer_busy
+                .get(&engine)
+                .map_or(0.0, |busy| busy.get()),
+        }
     }
 
     /// Runs `refresh` before every scrape (e.g. to read gauges from the store).
@@ -302,6 +372,7 @@ mod tests {
         metrics.job_finished("salesman", "dead");
         metrics.crm_call("pipedrive", "429", Duration::from_millis(80));
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
+        metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         let text = metrics.render().await;
         for sample in [
             r#"leadrelay_webhooks_total{source="hana",outcome="accepted"} 1"#,
@@ -312,9 +383,24 @@ mod tests {
             r#"leadrelay_crm_calls_total{system="pipedrive",status="429"} 1"#,
             r#"leadrelay_rate_limit_waits_total{system="pipedrive"} 1"#,
             r#"leadrelay_webhook_ack_seconds_bucket{le="0.004",source="hana"} 1"#,
+            r#"leadrelay_ingest_groups_total{engine="sqlite"} 1"#,
+            r#"leadrelay_ingest_group_calls_total{engine="sqlite"} 19"#,
+            r#"leadrelay_ingest_writer_busy_seconds_total{engine="sqlite"} 0.25"#,
         ] {
             assert!(text.contains(sample), "{sample} not in:\n{text}");
         }
+        assert_eq!(
+            metrics.ingest_writer_totals("sqlite"),
+            IngestWriterTotals {
+                groups: 1,
+                calls: 19,
+                busy_seconds: 0.25
+            }
+        );
+        assert_eq!(
+            metrics.ingest_writer_totals("postgres"),
+            IngestWriterTotals::default()
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -328,6 +414,7 @@ mod tests {
         metrics.job_finished("salesman", "dead");
         metrics.crm_call("pipedrive", "200", Duration::from_millis(80));
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
+        metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         let exist = sample_names(&metrics.render().await);
 
         let path = concat!(
