@@ -102,6 +102,16 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The engine's name, as the ingest metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
 /// The orchestrator's database. Queries are written once, with `$N` placeholders, which both
 /// engines understand.
 #[derive(Clone, Debug)]
@@ -344,9 +354,29 @@ pub(crate) mod testing {
             Ok(holder)
         }
 
-        /// Waits until a statement starting with `statement_start` waits for a lock.
+        /// Waits until a statement starting with `statement_start` waits for a lock. Asked
+        /// through the direct store's pool, outside any transaction holding the lock: Postgres
+        /// shows a transaction the activity it saw at its first look.
         pub(crate) async fn until_waiting(&self, statement_start: &str) -> Result<(), Error> {
-            until_a_statement_waits_for_a_lock(&self.direct, statement_start).await
+            let since = Instant::now();
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock' AND starts_with(query, $1)",
+                )
+                .bind(statement_start)
+                .fetch_one(self.direct.pool())
+                .await?;
+                if waiting > 0 {
+                    return Ok(());
+                }
+                if since.elapsed() > Duration::from_secs(10) {
+                    return Err(
+                        format!("no statement '{statement_start}…' waited for the lock").into(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
 
         /// Runs `operation` until a statement starting with `statement_start` waits for the
@@ -374,34 +404,6 @@ pub(crate) mod testing {
             drop(self.relay);
             self.database.drop_database().await?;
             Ok(())
-        }
-    }
-
-    /// Waits until a statement starting with `statement_start` waits for a lock in the Postgres
-    /// database `direct` is connected to. Asked through `direct`'s pool, outside any transaction
-    /// holding the lock: Postgres shows a transaction the activity it saw at its first look.
-    async fn until_a_statement_waits_for_a_lock(
-        direct: &Store,
-        statement_start: &str,
-    ) -> Result<(), Error> {
-        let since = Instant::now();
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND starts_with(query, $1)",
-            )
-            .bind(statement_start)
-            .fetch_one(direct.pool())
-            .await?;
-            if waiting > 0 {
-                return Ok(());
-            }
-            if since.elapsed() > Duration::from_secs(10) {
-                return Err(
-                    format!("no statement '{statement_start}…' waited for the lock").into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
