@@ -56,15 +56,6 @@ struct Measurement {
     writer: IngestWriterTotals,
 }
 
-/// The ingest writer's totals over a run: the difference of two readings.
-fn writer_since(after: IngestWriterTotals, before: IngestWriterTotals) -> IngestWriterTotals {
-    IngestWriterTotals {
-        groups: after.groups - before.groups,
-        calls: after.calls - before.calls,
-        busy_seconds: after.busy_seconds - before.busy_seconds,
-    }
-}
-
 impl Measurement {
     fn throughput(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
@@ -323,13 +314,7 @@ impl Target {
             .map(|engine| metrics().ingest_writer_totals(engine));
         let round = load(&self.url, connections, duration, self.sequence.clone()).await?;
         if let (Some(engine), Some(before)) = (self.engine, writer_before) {
-            let spent = writer_since(metrics().ingest_writer_totals(engine), before);
-            let writer = &mut self.measured.writer;
-            *writer = IngestWriterTotals {
-                groups: writer.groups + spent.groups,
-                calls: writer.calls + spent.calls,
-                busy_seconds: writer.busy_seconds + spent.busy_seconds,
-            };
+            self.measured.writer += metrics().ingest_writer_totals(engine) - before;
         }
         if let Some(spent) = round.cpu {
             self.measured.cpu = Some(self.measured.cpu.unwrap_or_default() + spent);

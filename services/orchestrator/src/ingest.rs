@@ -213,9 +213,10 @@ impl Ingester {
     pub fn start(store: Store, policy: IngestPolicy) -> Result<Self, StoreError> {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let handle = store.clone();
+        let engine = store.backend().name();
         match store.sqlite_path() {
-            Some(path) => spawn_writer("sqlite", SqliteCommitter::open(path)?, receiver)?,
-            None => spawn_writer("postgres", PostgresCommitter::new(store), receiver)?,
+            Some(path) => spawn_writer(engine, SqliteCommitter::open(path)?, receiver)?,
+            None => spawn_writer(engine, PostgresCommitter::new(store), receiver)?,
         }
         Ok(Self {
             queue,

@@ -4,7 +4,6 @@ use leadrelay_orchestrator::{
     IngestPolicy, Store, StoreError,
     ingest::{HanaCall, Ingester},
     queries::{self, EntityKey},
-    store::Backend,
 };
 use leadrelay_proto::{
     json::to_proto_value,
@@ -54,10 +53,7 @@ async fn lead_by_hana_id(store: &Store, hana_id: &str) -> Result<Option<Lead>, S
 }
 
 async fn calls_sharing_a_group(store: Store) -> TestResult {
-    let engine = match store.backend() {
-        Backend::Sqlite => "sqlite",
-        Backend::Postgres => "postgres",
-    };
+    let engine = store.backend().name();
     let before = metrics().ingest_writer_totals(engine);
     let ingester =
         Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");

@@ -76,6 +76,27 @@ pub struct IngestWriterTotals {
     pub busy_seconds: f64,
 }
 
+impl std::ops::Sub for IngestWriterTotals {
+    type Output = Self;
+
+    /// What the writer did between two readings.
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            groups: self.groups - earlier.groups,
+            calls: self.calls - earlier.calls,
+            busy_seconds: self.busy_seconds - earlier.busy_seconds,
+        }
+    }
+}
+
+impl std::ops::AddAssign for IngestWriterTotals {
+    fn add_assign(&mut self, more: Self) {
+        self.groups += more.groups;
+        self.calls += more.calls;
+        self.busy_seconds += more.busy_seconds;
+    }
+}
+
 /// Time buckets from 1 ms to about 33 s, doubling: acks are milliseconds, CRM calls tens to
 /// hundreds of milliseconds, rate-limit waits seconds.
 fn time_buckets() -> Histogram {
@@ -401,6 +422,12 @@ mod tests {
             metrics.ingest_writer_totals("postgres"),
             IngestWriterTotals::default()
         );
+        let before = metrics.ingest_writer_totals("sqlite");
+        metrics.ingest_group("sqlite", 5, Duration::from_millis(50));
+        let mut spent = IngestWriterTotals::default();
+        spent += metrics.ingest_writer_totals("sqlite") - before;
+        assert_eq!((spent.groups, spent.calls), (1, 5));
+        assert!((spent.busy_seconds - 0.05).abs() < 1e-9, "{spent:?}");
         assert!(text.ends_with("# EOF\n"));
     }
 
