@@ -90,6 +90,18 @@ impl Measurement {
         self.writer.busy_seconds / self.elapsed.as_secs_f64()
     }
 
+    /// The mean time of the fsyncs that made the writer's commits durable, and how many
+    /// webhooks each covered; `None` when the engine flushes inside its commit (Postgres).
+    fn log_syncs(&self) -> Option<(f64, f64)> {
+        (self.writer.log_syncs > 0).then(|| {
+            let syncs = self.writer.log_syncs as f64;
+            (
+                self.writer.log_sync_seconds * 1e3 / syncs,
+                self.writer.calls as f64 / syncs,
+            )
+        })
+    }
+
     fn percentile_ms(&self, percentile: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return f64::NAN;
@@ -438,18 +450,31 @@ async fn main() -> Result<(), Error> {
     // The writer stores the webhooks one group after the other: its time per webhook bounds the
     // rate, and its busy share says how close to that bound the run came.
     println!();
+    // On SQLite every acknowledgement also waits for an fsync of the write-ahead log: its time
+    // is the disk's share of the time to acknowledge.
     println!(
-        "{:<34} {:>16} {:>12} {:>16}",
-        "ingest writer", "µs per webhook", "busy", "webhooks/group"
+        "{:<34} {:>16} {:>12} {:>16} {:>14} {:>16}",
+        "ingest writer",
+        "µs per webhook",
+        "busy",
+        "webhooks/group",
+        "log fsync ms",
+        "webhooks/fsync"
     );
     for target in others.iter() {
         let writer = &target.measured;
+        let (sync_ms, per_sync) = writer.log_syncs().map_or_else(
+            || ("—".to_owned(), "—".to_owned()),
+            |(ms, per_sync)| (format!("{ms:.2}"), format!("{per_sync:.1}")),
+        );
         println!(
-            "{:<34} {:>16.1} {:>11.0}% {:>16.1}",
+            "{:<34} {:>16.1} {:>11.0}% {:>16.1} {:>14} {:>16}",
             target.label,
             writer.writer_us_per_call(),
             100.0 * writer.writer_busy_share(),
-            writer.writer.calls as f64 / writer.writer.groups as f64
+            writer.writer.calls as f64 / writer.writer.groups as f64,
+            sync_ms,
+            per_sync
         );
     }
     shutdown.cancel();

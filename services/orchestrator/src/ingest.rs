@@ -509,7 +509,10 @@ impl WriteAheadLog {
             for more in committed.try_iter() {
                 answers.extend(more);
             }
+            let sync_started = std::time::Instant::now();
             let synced = self.sync(&mut folder_synced);
+            leadrelay_runtime::metrics::metrics()
+                .ingest_log_synced(Backend::Sqlite.name(), sync_started.elapsed());
             if let Err(error) = &synced {
                 tracing::error!(
                     wal = %self.path.display(),

@@ -4,6 +4,7 @@ use leadrelay_orchestrator::{
     IngestPolicy, Store, StoreError,
     ingest::{HanaCall, Ingester},
     queries::{self, EntityKey},
+    store::Backend,
 };
 use leadrelay_proto::{
     json::to_proto_value,
@@ -112,6 +113,18 @@ async fn calls_sharing_a_group(store: Store) -> TestResult {
         after.busy_seconds > before.busy_seconds,
         "{before:?} → {after:?}"
     );
+    // SQLite acknowledges after an fsync of its write-ahead log, which is timed; Postgres
+    // flushes inside its commit and has none.
+    let syncs = after.log_syncs - before.log_syncs;
+    match store.backend() {
+        Backend::Sqlite => assert!(
+            syncs >= 1 && after.log_sync_seconds > before.log_sync_seconds,
+            "{before:?} → {after:?}"
+        ),
+        Backend::Postgres => {
+            assert_eq!(syncs, 0, "{before:?} → {after:?}");
+        }
+    }
     Ok(())
 }
 

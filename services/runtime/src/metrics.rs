@@ -16,6 +16,7 @@
 //! | `leadrelay_ingest_groups_total` | counter | `engine` (sqlite, postgres) |
 //! | `leadrelay_ingest_group_calls_total` | counter | `engine` |
 //! | `leadrelay_ingest_writer_busy_seconds_total` | counter | `engine` |
+//! | `leadrelay_ingest_log_sync_seconds` | histogram | `engine` (sqlite) |
 
 use std::{
     future::Future,
@@ -57,6 +58,18 @@ pub struct Metrics {
     ingest_groups: Family<Labels, Counter>,
     ingest_group_calls: Family<Labels, Counter>,
     ingest_writer_busy: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    ingest_log_sync: HistogramFamily,
+    /// The same fsyncs' count and time, for [`Metrics::ingest_writer_totals`]: a histogram's own
+    /// count and sum are readable only in its crate's tests. Not registered (the histogram
+    /// exports them).
+    ingest_log_sync_totals: Family<Labels, LogSyncTotals>,
+}
+
+/// fsyncs of the write-ahead log on one engine, and their time.
+#[derive(Debug, Default)]
+struct LogSyncTotals {
+    syncs: Counter,
+    seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -74,6 +87,11 @@ pub struct IngestWriterTotals {
     pub calls: u64,
     /// Time spent on them.
     pub busy_seconds: f64,
+    /// fsyncs of the write-ahead log that made them durable (SQLite; on Postgres the commit
+    /// itself waits for the server's flush).
+    pub log_syncs: u64,
+    /// Time those fsyncs took.
+    pub log_sync_seconds: f64,
 }
 
 impl std::ops::Sub for IngestWriterTotals {
@@ -85,6 +103,8 @@ impl std::ops::Sub for IngestWriterTotals {
             groups: self.groups - earlier.groups,
             calls: self.calls - earlier.calls,
             busy_seconds: self.busy_seconds - earlier.busy_seconds,
+            log_syncs: self.log_syncs - earlier.log_syncs,
+            log_sync_seconds: self.log_sync_seconds - earlier.log_sync_seconds,
         }
     }
 }
@@ -94,6 +114,8 @@ impl std::ops::AddAssign for IngestWriterTotals {
         self.groups += more.groups;
         self.calls += more.calls;
         self.busy_seconds += more.busy_seconds;
+        self.log_syncs += more.log_syncs;
+        self.log_sync_seconds += more.log_sync_seconds;
     }
 }
 
@@ -102,6 +124,14 @@ impl std::ops::AddAssign for IngestWriterTotals {
 fn time_buckets() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         0.001, 2.0, 16,
+    ))
+}
+
+/// Time buckets from 0.1 ms to about 3 s, doubling: an fsync takes a fraction of a millisecond on
+/// an idle SSD and milliseconds on a busy or networked disk.
+fn sync_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 16,
     ))
 }
 
@@ -203,6 +233,13 @@ impl Metrics {
             "Time the ingest writer, which stores webhooks one group after the other, spent on its groups; its rate is the share of time it is busy, and near 1 it is what limits ingest",
             ingest_writer_busy.clone(),
         );
+        let ingest_log_sync =
+            HistogramFamily::new_with_constructor(sync_buckets as fn() -> Histogram);
+        registry.register(
+            "ingest_log_sync_seconds",
+            "Time of one fsync of the SQLite write-ahead log, which every webhook acknowledgement waits for: the disk's share of the time to acknowledge",
+            ingest_log_sync.clone(),
+        );
         Self {
             registry,
             refreshers: Mutex::new(Vec::new()),
@@ -219,6 +256,8 @@ impl Metrics {
             ingest_groups,
             ingest_group_calls,
             ingest_writer_busy,
+            ingest_log_sync,
+            ingest_log_sync_totals: Family::default(),
         }
     }
 
@@ -232,6 +271,17 @@ impl Metrics {
         self.ingest_writer_busy
             .get_or_create(&engine)
             .inc_by(busy.as_secs_f64());
+    }
+
+    /// The ingest writer on `engine` made its commits durable with an fsync that took `elapsed`.
+    pub fn ingest_log_synced(&self, engine: &str, elapsed: Duration) {
+        let engine = labels(&[("engine", engine)]);
+        self.ingest_log_sync
+            .get_or_create(&engine)
+            .observe(elapsed.as_secs_f64());
+        let totals = self.ingest_log_sync_totals.get_or_create(&engine);
+        totals.syncs.inc();
+        totals.seconds.inc_by(elapsed.as_secs_f64());
     }
 
     /// A webhook from `source` answered with `outcome` after `elapsed`.
@@ -313,6 +363,14 @@ impl Metrics {
                 .ingest_writer_busy
                 .get(&engine)
                 .map_or(0.0, |busy| busy.get()),
+            log_syncs: self
+                .ingest_log_sync_totals
+                .get(&engine)
+                .map_or(0, |totals| totals.syncs.get()),
+            log_sync_seconds: self
+                .ingest_log_sync_totals
+                .get(&engine)
+                .map_or(0.0, |totals| totals.seconds.get()),
         }
     }
 
@@ -394,6 +452,7 @@ mod tests {
         metrics.crm_call("pipedrive", "429", Duration::from_millis(80));
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
+        metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
         let text = metrics.render().await;
         for sample in [
             r#"leadrelay_webhooks_total{source="hana",outcome="accepted"} 1"#,
@@ -407,6 +466,8 @@ mod tests {
             r#"leadrelay_ingest_groups_total{engine="sqlite"} 1"#,
             r#"leadrelay_ingest_group_calls_total{engine="sqlite"} 19"#,
             r#"leadrelay_ingest_writer_busy_seconds_total{engine="sqlite"} 0.25"#,
+            r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0004",engine="sqlite"} 0"#,
+            r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0008",engine="sqlite"} 1"#,
         ] {
             assert!(text.contains(sample), "{sample} not in:\n{text}");
         }
@@ -415,7 +476,9 @@ mod tests {
             IngestWriterTotals {
                 groups: 1,
                 calls: 19,
-                busy_seconds: 0.25
+                busy_seconds: 0.25,
+                log_syncs: 1,
+                log_sync_seconds: 0.0005,
             }
         );
         assert_eq!(
@@ -424,10 +487,12 @@ mod tests {
         );
         let before = metrics.ingest_writer_totals("sqlite");
         metrics.ingest_group("sqlite", 5, Duration::from_millis(50));
+        metrics.ingest_log_synced("sqlite", Duration::from_millis(2));
         let mut spent = IngestWriterTotals::default();
         spent += metrics.ingest_writer_totals("sqlite") - before;
-        assert_eq!((spent.groups, spent.calls), (1, 5));
+        assert_eq!((spent.groups, spent.calls, spent.log_syncs), (1, 5, 1));
         assert!((spent.busy_seconds - 0.05).abs() < 1e-9, "{spent:?}");
+        assert!((spent.log_sync_seconds - 0.002).abs() < 1e-9, "{spent:?}");
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -442,6 +507,7 @@ mod tests {
         metrics.crm_call("pipedrive", "200", Duration::from_millis(80));
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
+        metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
         let exist = sample_names(&metrics.render().await);
 
         let path = concat!(
