@@ -11,7 +11,8 @@
 //! The load generator runs in this process and shares the machine's cores with the servers, for
 //! every target alike: compare the ratios, not the absolute figures. A second table shows each
 //! engine's ingest writer, read from the process's metrics: its serial time per webhook, its busy
-//! share and the webhooks per transaction.
+//! share, the webhooks per transaction and, on SQLite, the fsync of the write-ahead log each
+//! acknowledgement waits for.
 
 use std::{
     collections::HashMap,
@@ -25,7 +26,7 @@ use std::{
 
 use axum::{Json, Router, body::Bytes, routing::post};
 use leadrelay_gateway::GatewayConfig;
-use leadrelay_orchestrator::IngestPolicy;
+use leadrelay_orchestrator::{IngestPolicy, store::Backend};
 use leadrelay_runtime::{
     Settings,
     metrics::{IngestWriterTotals, metrics},
@@ -372,7 +373,7 @@ async fn main() -> Result<(), Error> {
     let sqlite = start_leadrelay(&sqlite_url, shutdown.clone()).await?;
     targets.push(Target::new(
         "gateway+orchestrator, SQLite",
-        Some("sqlite"),
+        Some(Backend::Sqlite.name()),
         format!("http://{sqlite}/webhooks/hana/lead.created?token={TOKEN}"),
     ));
     let postgres = match TestDatabase::create("bench").await {
@@ -380,7 +381,7 @@ async fn main() -> Result<(), Error> {
             let gateway = start_leadrelay(database.url(), shutdown.clone()).await?;
             targets.push(Target::new(
                 "gateway+orchestrator, Postgres",
-                Some("postgres"),
+                Some(Backend::Postgres.name()),
                 format!("http://{gateway}/webhooks/hana/lead.created?token={TOKEN}"),
             ));
             Ok(database)

@@ -350,6 +350,7 @@ impl Metrics {
     /// What the ingest writer on `engine` has done since the process started.
     pub fn ingest_writer_totals(&self, engine: &str) -> IngestWriterTotals {
         let engine = labels(&[("engine", engine)]);
+        let log_syncs = self.ingest_log_sync_totals.get(&engine);
         IngestWriterTotals {
             groups: self
                 .ingest_groups
@@ -363,13 +364,9 @@ impl Metrics {
                 .ingest_writer_busy
                 .get(&engine)
                 .map_or(0.0, |busy| busy.get()),
-            log_syncs: self
-                .ingest_log_sync_totals
-                .get(&engine)
-                .map_or(0, |totals| totals.syncs.get()),
-            log_sync_seconds: self
-                .ingest_log_sync_totals
-                .get(&engine)
+            log_syncs: log_syncs.as_ref().map_or(0, |totals| totals.syncs.get()),
+            log_sync_seconds: log_syncs
+                .as_ref()
                 .map_or(0.0, |totals| totals.seconds.get()),
         }
     }
