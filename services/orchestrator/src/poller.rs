@@ -355,17 +355,14 @@ mod tests {
 
         // Once the database answers again, a poll reads its watermark and goes on to the
         // adapter, which is not there.
-        database.relay.restore();
-        let restored_at = std::time::Instant::now();
-        loop {
-            match poller.poll_once().await {
-                Err(PollError::Adapter(_)) => break,
-                other if restored_at.elapsed() > Duration::from_secs(20) => {
-                    return Err(format!("the poll did not reach the store again: {other:?}").into());
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        database
+            .restore_until(|| async {
+                Ok(match poller.poll_once().await {
+                    Err(PollError::Adapter(_)) => None,
+                    other => Some(format!("the poll did not reach the adapter: {other:?}")),
+                })
+            })
+            .await?;
         database.drop_database().await?;
         Ok(())
     }

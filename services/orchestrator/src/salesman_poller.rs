@@ -256,7 +256,7 @@ async fn follow_status_change(
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use leadrelay_proto::salesman::v1::{
         AddLeadRequest, AddLeadResponse, GetLeadRequest, GetLeadResponse, GetLeadStatsRequest,
@@ -358,24 +358,18 @@ mod tests {
         );
 
         // Once the database answers again, the next poll records the lead.
-        database.relay.restore();
-        let restored_at = Instant::now();
-        loop {
-            let polled = poller.poll_once().await;
-            let seen: Option<String> =
-                sqlx::query_scalar("SELECT status FROM salesman_lead_status WHERE lead_id = '7'")
-                    .fetch_optional(database.direct.pool())
-                    .await?;
-            if seen.as_deref() == Some("1") {
-                break;
-            }
-            if restored_at.elapsed() > Duration::from_secs(20) {
-                return Err(
-                    format!("the lead was not recorded after the restore: {polled:?}").into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        database
+            .restore_until(|| async {
+                let polled = poller.poll_once().await;
+                let seen: Option<String> = sqlx::query_scalar(
+                    "SELECT status FROM salesman_lead_status WHERE lead_id = '7'",
+                )
+                .fetch_optional(database.direct.pool())
+                .await?;
+                Ok((seen.as_deref() != Some("1"))
+                    .then(|| format!("the lead is not recorded; the poll: {polled:?}")))
+            })
+            .await?;
         database.drop_database().await?;
         Ok(())
     }

@@ -398,6 +398,32 @@ pub(crate) mod testing {
                 .map_err(|_| "still waiting for the statement the silence caught")??)
         }
 
+        /// Lets the relay pass traffic again and polls `check` every 100 ms until the code under
+        /// test has reached the store again. `check` answers `None` once it has, or what it
+        /// saw instead; the last of those is in the error when 30 s pass without it.
+        pub(crate) async fn restore_until<F, Fut>(&self, mut check: F) -> Result<(), Error>
+        where
+            F: FnMut() -> Fut,
+            Fut: std::future::Future<Output = Result<Option<String>, Error>>,
+        {
+            const WITHIN: Duration = Duration::from_secs(30);
+            self.relay.restore();
+            let restored_at = Instant::now();
+            loop {
+                let Some(seen) = check().await? else {
+                    return Ok(());
+                };
+                if restored_at.elapsed() > WITHIN {
+                    return Err(format!(
+                        "{} s after the database answered again, still: {seen}",
+                        WITHIN.as_secs()
+                    )
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
         pub(crate) async fn drop_database(self) -> Result<(), Error> {
             self.direct.close().await;
             self.relayed.close().await;
