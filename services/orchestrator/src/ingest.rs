@@ -22,7 +22,7 @@ mod sql;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
-use sqlx::{AnyConnection, Connection as _};
+use sqlx::{Connection as _, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::sql::SqliteError;
@@ -349,7 +349,7 @@ const POSTGRES_GROUP_DEADLINE: std::time::Duration = std::time::Duration::from_s
 /// restarts, the first group fails on the dead connection and goes again on a new one.
 struct PostgresCommitter {
     store: Store,
-    connection: Option<AnyConnection>,
+    connection: Option<PgConnection>,
 }
 
 impl PostgresCommitter {
@@ -368,7 +368,7 @@ impl Committer for PostgresCommitter {
     ) -> Result<Vec<IngestOutcome>, IngestError> {
         let mut connection = match self.connection.take() {
             Some(connection) => connection,
-            None => self.store.open_connection().await?,
+            None => self.store.open_postgres_connection().await?,
         };
         let committed = self
             .store
@@ -391,7 +391,7 @@ impl Committer for PostgresCommitter {
 
 /// Commits `calls` in one transaction on `connection`.
 async fn commit_on(
-    connection: &mut AnyConnection,
+    connection: &mut PgConnection,
     calls: &[&CheckedCall],
 ) -> Result<Vec<IngestOutcome>, IngestError> {
     let mut transaction = PostgresTransaction(connection.begin().await?);

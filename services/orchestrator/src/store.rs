@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 
 use leadrelay_runtime::config::DatabaseUrl;
 use sqlx::{
-    AnyConnection, AnyPool, ConnectOptions as _, Executor,
+    AnyPool, ConnectOptions as _, Executor,
     any::{AnyPoolOptions, install_default_drivers},
     migrate::Migrator,
 };
@@ -215,16 +215,19 @@ impl Store {
         Ok(version)
     }
 
-    /// A new connection of its own, outside the pool, with the pool's settings; opened on the
-    /// caller's runtime, which then drives its socket. A server that does not answer fails it
-    /// within [`POSTGRES_CONNECT_TIMEOUT`], as it fails a wait for a pooled connection, instead
-    /// of after the system's TCP timeout.
-    pub(crate) async fn open_connection(&self) -> Result<AnyConnection, StoreError> {
+    /// A new Postgres connection of its own, outside the pool, with the pool's settings; opened
+    /// on the caller's runtime, which then drives its socket. A server that does not answer
+    /// fails it within [`POSTGRES_CONNECT_TIMEOUT`], as it fails a wait for a pooled connection,
+    /// instead of after the system's TCP timeout. It speaks Postgres's own driver, not `Any`:
+    /// the ingest writer binds arrays.
+    pub(crate) async fn open_postgres_connection(&self) -> Result<sqlx::PgConnection, StoreError> {
         let failed = |source| StoreError::Connect {
             database: self.database.clone(),
             source,
         };
-        let options = self.pool.connect_options();
+        let options =
+            sqlx::postgres::PgConnectOptions::from_url(&self.pool.connect_options().database_url)
+                .map_err(failed)?;
         match tokio::time::timeout(POSTGRES_CONNECT_TIMEOUT, options.connect()).await {
             Ok(connected) => connected.map_err(failed),
             Err(_) => Err(failed(sqlx::Error::Io(std::io::Error::new(

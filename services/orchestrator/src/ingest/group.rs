@@ -1,13 +1,10 @@
 //! Commits a group of calls in one transaction. On Postgres the number of statements is fixed
 //! per group, not per call: one insert each for quarantine, events, new entities, links and jobs,
 //! one read of the entities the group touches, and one update per changed existing entity, since
-//! every statement is a network round trip. SQLite, in process, runs the same statements one row
-//! at a time (see [`Sql::chunks`]).
+//! every statement is a network round trip; each binds the group's rows as one array per column.
+//! SQLite, in process, runs the same statements one row at a time (see [`Sql`]).
 
-use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
-    ops::Range,
-};
+use std::collections::{HashMap, HashSet, hash_map::Entry};
 
 use leadrelay_proto::v1::{Deal, HanaEventKind, Lead};
 
@@ -58,8 +55,17 @@ fn dedupe_key(entity_id: &str, content_hash: &str) -> String {
 
 /// Renders SQL the way each engine runs it fastest. Templates mark each parameter with `?` and
 /// bind exactly once per mark, in order. Postgres gets `$1, $2, …`; SQLite gets anonymous `?`,
-/// which it binds in order (it looks named parameters up by a linear scan, which is quadratic
-/// over a multi-row statement).
+/// which it binds in order (it looks named parameters up by a linear scan).
+///
+/// A statement over many rows is one statement per group on Postgres, where every statement is
+/// a network round trip, and one statement per row on SQLite, which has no round trips: there a
+/// statement that writes several rows and may abort on a constraint makes SQLite copy every page
+/// it touches into a statement journal first, which took 14% of the writer's time with 64-row
+/// statements. Either way a statement's text does not depend on how many rows it carries, so each
+/// stays prepared in its connection's cache. On Postgres the rows are bound as one array per
+/// column: with a `VALUES` row per call, every group size was a statement text of its own, more
+/// than the connection's 100 cached statements, so most statements were parsed, planned and
+/// prepared again, a round trip more each (measured: 18% of the Postgres ingest rate).
 #[derive(Clone, Copy)]
 struct Sql(Backend);
 
@@ -85,35 +91,76 @@ impl Sql {
         }
     }
 
-    /// `count` copies of `row` (e.g. `(?, 'hana', ?)`), comma-separated, rendered.
-    fn rows(self, count: usize, row: &str) -> String {
-        self.render(&vec![row; count].join(", "))
+    /// SQLite's text of `statement`, for one row.
+    fn one_row(statement: &Repeated<'_>) -> String {
+        format!(
+            "{} VALUES {} {}",
+            statement.head, statement.row, statement.tail
+        )
     }
 
-    /// How `count` rows are split into statements. Postgres gets one statement: a network round
-    /// trip costs more there than anything else. SQLite gets one statement per row: it has no
-    /// round trips, and a statement that writes several rows and may abort on a constraint makes
-    /// SQLite copy every page it touches into a statement journal first, which took 14% of the
-    /// writer's time with 64-row statements. One text per statement also stays prepared in the
-    /// connection's cache.
-    fn chunks(self, count: usize) -> Vec<Range<usize>> {
+    /// Postgres's text of `statement` over arrays of the types `array_types`, one per `?` of its
+    /// row: `{head} SELECT {row, each ? a column} FROM UNNEST($1::type[], …) AS r(c1, …) {tail}`.
+    fn unnested(statement: &Repeated<'_>, array_types: &[&str]) -> String {
+        let row = statement.row.trim();
+        let row = row
+            .strip_prefix('(')
+            .and_then(|row| row.strip_suffix(')'))
+            .unwrap_or(row);
+        let mut select = String::with_capacity(row.len() * 2);
+        let mut column = 0;
+        for character in row.chars() {
+            if character == '?' {
+                column += 1;
+                select.push_str(&format!("r.c{column}"));
+            } else {
+                select.push(character);
+            }
+        }
+        let arrays: Vec<String> = array_types
+            .iter()
+            .enumerate()
+            .map(|(index, array_type)| format!("${}::{array_type}", index + 1))
+            .collect();
+        let names: Vec<String> = (1..=array_types.len())
+            .map(|column| format!("c{column}"))
+            .collect();
+        format!(
+            "{} SELECT {select} FROM UNNEST({}) AS r({}) {}",
+            statement.head,
+            arrays.join(", "),
+            names.join(", "),
+            statement.tail
+        )
+    }
+
+    /// The text of `lookup` for one key (SQLite) or for an array of keys (Postgres).
+    fn lookup(self, lookup: &Lookup<'_>) -> String {
         match self.0 {
-            Backend::Postgres => std::iter::once(0..count)
-                .filter(|chunk| !chunk.is_empty())
-                .collect(),
-            Backend::Sqlite => (0..count).map(|row| row..row + 1).collect(),
+            Backend::Sqlite => format!("{} IN (?){}", lookup.head, lookup.tail),
+            Backend::Postgres => format!("{} = ANY($1::text[]){}", lookup.head, lookup.tail),
         }
     }
 }
 
-/// A statement repeated over rows: `{head} {rows} {tail}`, where `rows` repeats `row`.
+/// A statement over rows, `{head} VALUES {row} {tail}`, where `row` marks each parameter with
+/// `?` (e.g. `(?, 'hana', ?)`): run once per row on SQLite, once over arrays on Postgres (see
+/// [`Sql`]).
 struct Repeated<'s> {
+    /// `INSERT INTO {table} ({columns})`, without `VALUES`.
     head: &'s str,
     row: &'s str,
     tail: &'s str,
 }
 
-/// Runs `statement` over `rows` in the engine's chunks; returns what the chunks returned.
+/// A statement that finds rows by a text key: `{head} IN (?){tail}` once per key on SQLite,
+/// `{head} = ANY($1){tail}` over every key on Postgres. `head` ends with the key's column.
+struct Lookup<'s> {
+    head: &'s str,
+    tail: &'s str,
+}
+
+/// Runs `statement` over `rows`; returns the rows it returned.
 async fn for_rows<'r, T, R, F>(
     transaction: &mut T,
     sql: Sql,
@@ -127,33 +174,95 @@ where
     R: Sync,
     F: Fn(&'r R, &mut Vec<Param<'r>>) + Send,
 {
-    let mut returned = Vec::new();
-    // Every chunk but a last short one has the same length: its text is rendered once, not once
-    // per row (on SQLite, formatting took ~6% of the writer's time).
-    let mut text = String::new();
-    let mut text_rows = 0;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut params = Vec::new();
-    for chunk in sql.chunks(rows.len()) {
-        if chunk.len() != text_rows {
-            text_rows = chunk.len();
-            text = format!(
-                "{} {} {}",
-                statement.head,
-                sql.rows(text_rows, statement.row),
-                statement.tail
-            );
+    match sql.0 {
+        Backend::Sqlite => {
+            let text = Sql::one_row(statement);
+            let mut returned = Vec::new();
+            for row in rows {
+                params.clear();
+                params_of(row, &mut params);
+                returned.extend(run(transaction, &text, &params, columns).await?);
+            }
+            Ok(returned)
         }
-        params.clear();
-        for row in &rows[chunk] {
-            params_of(row, &mut params);
-        }
-        if columns.is_empty() {
-            transaction.execute(&text, &params).await?;
-        } else {
-            returned.extend(transaction.fetch(&text, &params, columns).await?);
+        Backend::Postgres => {
+            for row in rows {
+                params_of(row, &mut params);
+            }
+            let arrays = into_columns(params, rows.len())?;
+            let array_types: Vec<&str> = arrays.iter().filter_map(Param::array_type).collect();
+            let text = Sql::unnested(statement, &array_types);
+            run(transaction, &text, &arrays, columns).await
         }
     }
-    Ok(returned)
+}
+
+/// Runs `lookup` over `keys`; returns the rows it found.
+async fn for_keys<T: GroupTransaction>(
+    transaction: &mut T,
+    sql: Sql,
+    lookup: &Lookup<'_>,
+    keys: &[&str],
+    columns: &[Column],
+) -> Result<Vec<Vec<Cell>>, IngestError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = sql.lookup(lookup);
+    match sql.0 {
+        Backend::Sqlite => {
+            let mut found = Vec::new();
+            for key in keys {
+                found.extend(run(transaction, &text, &[Param::Text(key)], columns).await?);
+            }
+            Ok(found)
+        }
+        Backend::Postgres => {
+            let keys = Param::TextArray(keys.iter().map(|key| Some(*key)).collect());
+            run(transaction, &text, &[keys], columns).await
+        }
+    }
+}
+
+/// Runs a statement: fetches its rows when it names `columns`, executes it when it names none.
+async fn run<T: GroupTransaction>(
+    transaction: &mut T,
+    text: &str,
+    params: &[Param<'_>],
+    columns: &[Column],
+) -> Result<Vec<Vec<Cell>>, IngestError> {
+    if columns.is_empty() {
+        transaction.execute(text, params).await?;
+        Ok(Vec::new())
+    } else {
+        transaction.fetch(text, params, columns).await
+    }
+}
+
+/// `params`, `rows` rows of the same width one after the other, as one array per column.
+fn into_columns(params: Vec<Param<'_>>, rows: usize) -> Result<Vec<Param<'_>>, IngestError> {
+    let width = params.len() / rows.max(1);
+    let mismatch = |what: &str| {
+        IngestError::Store(StoreError::Corrupt(format!(
+            "a group statement's rows do not line up: {what}"
+        )))
+    };
+    if width * rows != params.len() {
+        return Err(mismatch("rows of different widths"));
+    }
+    let mut arrays: Vec<Param<'_>> = Vec::with_capacity(width);
+    for (index, param) in params.into_iter().enumerate() {
+        if index < width {
+            arrays.push(param.into_array());
+        } else if !param.push_onto(&mut arrays[index % width]) {
+            return Err(mismatch("a column of values of different types"));
+        }
+    }
+    Ok(arrays)
 }
 
 /// Each of `items` once, in no particular order: the keys a statement looks up or inserts.
@@ -331,7 +440,7 @@ async fn insert_quarantined<T: GroupTransaction>(
     quarantined: &[Quarantined<'_>],
 ) -> Result<(), IngestError> {
     let statement = Repeated {
-        head: "INSERT INTO quarantine (id, source, kind, reason, raw_body, received_at) VALUES",
+        head: "INSERT INTO quarantine (id, source, kind, reason, raw_body, received_at)",
         row: "(?, 'hana', ?, ?, ?, ?)",
         tail: "",
     };
@@ -362,7 +471,7 @@ async fn insert_events<T: GroupTransaction>(
     candidates: &[&Accepted<'_>],
 ) -> Result<HashMap<String, String>, IngestError> {
     let statement = Repeated {
-        head: "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at, trace_context) VALUES",
+        head: "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at, trace_context)",
         row: "(?, 'hana', ?, ?, ?, ?, ?, ?)",
         tail: "ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING dedupe_key, id",
     };
@@ -402,7 +511,7 @@ async fn insert_applications<T: GroupTransaction>(
             .map(|call| call.valid.webhook.application_id.as_str()),
     );
     let statement = Repeated {
-        head: "INSERT INTO hana_applications (application_id) VALUES",
+        head: "INSERT INTO hana_applications (application_id)",
         row: "(?)",
         tail: "ON CONFLICT (application_id) DO NOTHING",
     };
@@ -418,7 +527,8 @@ async fn insert_applications<T: GroupTransaction>(
     Ok(())
 }
 
-/// Rows of `table` whose `source_key` is one of `keys`: the named columns, chunked like inserts.
+/// Rows whose `source_key` is one of `keys`: `select` names the columns and the table; `lock`
+/// follows the condition.
 async fn select_by_source_keys<T: GroupTransaction>(
     transaction: &mut T,
     sql: Sql,
@@ -427,22 +537,17 @@ async fn select_by_source_keys<T: GroupTransaction>(
     keys: &[String],
     columns: &[Column],
 ) -> Result<Vec<Vec<Cell>>, IngestError> {
-    let head = format!("{select} WHERE source_key IN (");
-    let tail = format!("){lock}");
-    let statement = Repeated {
-        head: &head,
-        row: "?",
-        tail: &tail,
-    };
-    for_rows(
+    let head = format!("{select} WHERE source_key");
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    for_keys(
         transaction,
         sql,
-        &statement,
-        keys,
-        columns,
-        |key, params| {
-            params.push(Param::Text(key));
+        &Lookup {
+            head: &head,
+            tail: lock,
         },
+        &keys,
+        columns,
     )
     .await
 }
@@ -592,24 +697,16 @@ async fn keep_keys_of_earlier_events<T: GroupTransaction>(
             .filter(|call| call.entity_was_stored)
             .map(|call| call.content_hash),
     );
-    let statement = Repeated {
-        head: "SELECT dedupe_key FROM events WHERE source = 'hana' AND dedupe_key IN (",
-        row: "?",
-        tail: ")",
+    let lookup = Lookup {
+        head: "SELECT dedupe_key FROM events WHERE source = 'hana' AND dedupe_key",
+        tail: "",
     };
-    let found: HashSet<String> = for_rows(
-        transaction,
-        sql,
-        &statement,
-        &hashes,
-        &[Column::Text],
-        |hash, params| params.push(Param::Text(hash)),
-    )
-    .await?
-    .into_iter()
-    .flatten()
-    .map(Cell::into_text)
-    .collect();
+    let found: HashSet<String> = for_keys(transaction, sql, &lookup, &hashes, &[Column::Text])
+        .await?
+        .into_iter()
+        .flatten()
+        .map(Cell::into_text)
+        .collect();
     for call in accepted {
         if call.entity_was_stored && found.contains(call.content_hash) {
             call.dedupe_key = call.content_hash.to_owned();
@@ -709,12 +806,12 @@ async fn insert_entities<E: CanonicalEntity, T: GroupTransaction>(
 ) -> Result<(), IngestError> {
     let head = if E::HAS_CONTACT {
         format!(
-            "INSERT INTO {} (id, source_key, body, deleted_at, contact_lead_id, created_at, updated_at) VALUES",
+            "INSERT INTO {} (id, source_key, body, deleted_at, contact_lead_id, created_at, updated_at)",
             E::TABLE
         )
     } else {
         format!(
-            "INSERT INTO {} (id, source_key, body, deleted_at, created_at, updated_at) VALUES",
+            "INSERT INTO {} (id, source_key, body, deleted_at, created_at, updated_at)",
             E::TABLE
         )
     };
@@ -752,7 +849,7 @@ async fn insert_entities<E: CanonicalEntity, T: GroupTransaction>(
     }
 
     let statement = Repeated {
-        head: "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at) VALUES",
+        head: "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at)",
         row: "(?, ?, 'hana', ?, ?, ?)",
         tail: "ON CONFLICT DO NOTHING",
     };
@@ -810,7 +907,7 @@ async fn insert_jobs<T: GroupTransaction>(
     }
     let statement = Repeated {
         head: "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, trace_context, \
-               next_attempt_at, created_at, updated_at, state, attempts, last_error) VALUES",
+               next_attempt_at, created_at, updated_at, state, attempts, last_error)",
         row: "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, '')",
         tail: "",
     };
@@ -839,29 +936,92 @@ mod tests {
     #[test]
     fn placeholders_are_numbered_on_postgres_and_anonymous_on_sqlite() {
         let template = "(?, 'hana', ?)";
-        assert_eq!(
-            Sql(Backend::Postgres).rows(2, template),
-            "($1, 'hana', $2), ($3, 'hana', $4)"
-        );
-        assert_eq!(
-            Sql(Backend::Sqlite).rows(2, template),
-            "(?, 'hana', ?), (?, 'hana', ?)"
-        );
+        assert_eq!(Sql(Backend::Postgres).render(template), "($1, 'hana', $2)");
+        assert_eq!(Sql(Backend::Sqlite).render(template), template);
         assert_eq!(
             Sql(Backend::Postgres).render("? ? ? ? ? ? ? ? ? ?"),
             "$1 $2 $3 $4 $5 $6 $7 $8 $9 $10"
         );
     }
 
+    const EVENTS: Repeated<'static> = Repeated {
+        head: "INSERT INTO events (id, source, raw_body, received_at)",
+        row: "(?, 'hana', ?, ?)",
+        tail: "ON CONFLICT DO NOTHING RETURNING id",
+    };
+
+    /// Params of `rows` event rows, as `for_rows` collects them.
+    fn event_params(rows: usize) -> Vec<Param<'static>> {
+        (0..rows)
+            .flat_map(|row| {
+                [
+                    Param::Text("evt"),
+                    Param::Blob(b"{}"),
+                    Param::OptionalInt((row % 2 == 0).then_some(7)),
+                ]
+            })
+            .collect()
+    }
+
     #[test]
-    fn sqlite_runs_a_row_per_statement_and_postgres_a_statement_per_group() {
-        assert_eq!(Sql(Backend::Sqlite).chunks(3), vec![0..1, 1..2, 2..3]);
-        assert!(Sql(Backend::Sqlite).chunks(0).is_empty());
-        let postgres = Sql(Backend::Postgres).chunks(30);
+    fn sqlite_writes_a_row_per_statement() {
         assert_eq!(
-            (postgres.len(), postgres.first().cloned()),
-            (1, Some(0..30))
+            Sql::one_row(&EVENTS),
+            "INSERT INTO events (id, source, raw_body, received_at) VALUES (?, 'hana', ?, ?) \
+             ON CONFLICT DO NOTHING RETURNING id"
         );
-        assert!(Sql(Backend::Postgres).chunks(0).is_empty());
+        assert_eq!(
+            Sql(Backend::Sqlite).lookup(&Lookup {
+                head: "SELECT id FROM leads WHERE source_key",
+                tail: "",
+            }),
+            "SELECT id FROM leads WHERE source_key IN (?)"
+        );
+    }
+
+    /// Postgres keeps a statement prepared only while its text repeats: a group of any size must
+    /// give the same text.
+    #[test]
+    fn postgres_binds_a_group_as_arrays_in_one_text_whatever_its_size() {
+        let text_of = |rows: usize| -> Result<String, IngestError> {
+            let arrays = into_columns(event_params(rows), rows)?;
+            let types: Vec<&str> = arrays.iter().filter_map(Param::array_type).collect();
+            Ok(Sql::unnested(&EVENTS, &types))
+        };
+        let one = text_of(1).expect("one row lines up");
+        assert_eq!(
+            one,
+            "INSERT INTO events (id, source, raw_body, received_at) SELECT r.c1, 'hana', r.c2, \
+             r.c3 FROM UNNEST($1::text[], $2::bytea[], $3::int8[]) AS r(c1, c2, c3) \
+             ON CONFLICT DO NOTHING RETURNING id"
+        );
+        for rows in [2, 17, 256] {
+            assert_eq!(text_of(rows).expect("the rows line up"), one, "{rows} rows");
+        }
+        assert_eq!(
+            Sql(Backend::Postgres).lookup(&Lookup {
+                head: "SELECT id FROM leads WHERE source_key",
+                tail: " FOR UPDATE",
+            }),
+            "SELECT id FROM leads WHERE source_key = ANY($1::text[]) FOR UPDATE"
+        );
+    }
+
+    #[test]
+    fn columns_keep_each_rows_values_in_order() {
+        let arrays = into_columns(event_params(3), 3).expect("the rows line up");
+        assert!(matches!(&arrays[0], Param::TextArray(ids) if ids == &[Some("evt"); 3]));
+        assert!(matches!(&arrays[1], Param::BlobArray(bodies) if bodies.len() == 3));
+        assert!(matches!(&arrays[2], Param::IntArray(times) if times == &[Some(7), None, Some(7)]));
+    }
+
+    #[test]
+    fn rows_that_do_not_line_up_are_refused() {
+        let mut uneven = event_params(2);
+        uneven.pop();
+        assert!(into_columns(uneven, 2).is_err());
+        let mut mixed = event_params(2);
+        mixed[3] = Param::Int(1);
+        assert!(into_columns(mixed, 2).is_err());
     }
 }

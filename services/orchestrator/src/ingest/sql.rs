@@ -1,6 +1,7 @@
 //! The statements a group commit runs, over either engine's connection.
 //!
-//! Postgres is driven through sqlx. SQLite is driven synchronously through rusqlite on the
+//! Postgres is driven through sqlx's Postgres driver (not `Any`: the writer binds arrays, which
+//! only the Postgres driver can). SQLite is driven synchronously through rusqlite on the
 //! writer's own thread: sqlx runs every SQLite statement on a worker thread and hands each result
 //! back through the async runtime, and on a busy runtime those hand-offs, not SQLite, were what
 //! bounded the write rate (a one-call group took ~3 ms). Both share the same group logic through
@@ -8,19 +9,68 @@
 
 use std::future::Future;
 
-use sqlx::{Any, Row, Transaction, any::AnyRow};
+use sqlx::{Postgres, Row, Transaction, postgres::PgRow};
 
 use super::IngestError;
 use crate::store::StoreError;
 
-/// A statement parameter.
-#[derive(Clone, Copy, Debug)]
+/// A statement parameter: a value, or (Postgres only) a column of values bound as one array.
+#[derive(Clone, Debug)]
 pub(super) enum Param<'a> {
     Text(&'a str),
     OptionalText(Option<&'a str>),
     Blob(&'a [u8]),
     Int(i64),
     OptionalInt(Option<i64>),
+    /// `text[]`.
+    TextArray(Vec<Option<&'a str>>),
+    /// `bytea[]`.
+    BlobArray(Vec<&'a [u8]>),
+    /// `int8[]`.
+    IntArray(Vec<Option<i64>>),
+}
+
+impl<'a> Param<'a> {
+    /// A one-element array column of this value's type, to which [`Param::push_onto`] adds the
+    /// same column's values from the following rows.
+    pub(super) fn into_array(self) -> Self {
+        match self {
+            Self::Text(text) => Self::TextArray(vec![Some(text)]),
+            Self::OptionalText(text) => Self::TextArray(vec![text]),
+            Self::Blob(bytes) => Self::BlobArray(vec![bytes]),
+            Self::Int(number) => Self::IntArray(vec![Some(number)]),
+            Self::OptionalInt(number) => Self::IntArray(vec![number]),
+            array @ (Self::TextArray(_) | Self::BlobArray(_) | Self::IntArray(_)) => array,
+        }
+    }
+
+    /// Adds `self`, a value, to `array`, an array column of its type; false when the types
+    /// differ (then nothing is added).
+    pub(super) fn push_onto(self, array: &mut Self) -> bool {
+        match (array, self) {
+            (Self::TextArray(values), Self::Text(text)) => values.push(Some(text)),
+            (Self::TextArray(values), Self::OptionalText(text)) => values.push(text),
+            (Self::BlobArray(values), Self::Blob(bytes)) => values.push(bytes),
+            (Self::IntArray(values), Self::Int(number)) => values.push(Some(number)),
+            (Self::IntArray(values), Self::OptionalInt(number)) => values.push(number),
+            _ => return false,
+        }
+        true
+    }
+
+    /// The Postgres type of an array column; `None` for a value.
+    pub(super) fn array_type(&self) -> Option<&'static str> {
+        match self {
+            Self::TextArray(_) => Some("text[]"),
+            Self::BlobArray(_) => Some("bytea[]"),
+            Self::IntArray(_) => Some("int8[]"),
+            Self::Text(_)
+            | Self::OptionalText(_)
+            | Self::Blob(_)
+            | Self::Int(_)
+            | Self::OptionalInt(_) => None,
+        }
+    }
 }
 
 /// The type of a column a statement returns.
@@ -73,26 +123,29 @@ pub(super) trait GroupTransaction: Send {
     ) -> impl Future<Output = Result<Vec<Vec<Cell>>, IngestError>> + Send;
 }
 
-/// A transaction on an sqlx connection (Postgres).
-pub(super) struct PostgresTransaction<'c>(pub(super) Transaction<'c, Any>);
+/// A transaction on the Postgres writer's connection.
+pub(super) struct PostgresTransaction<'c>(pub(super) Transaction<'c, Postgres>);
 
 fn bind_all<'q>(
-    mut query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    mut query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
     params: &[Param<'q>],
-) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
     for param in params {
-        query = match *param {
-            Param::Text(text) => query.bind(text),
-            Param::OptionalText(text) => query.bind(text),
-            Param::Blob(bytes) => query.bind(bytes),
-            Param::Int(number) => query.bind(number),
-            Param::OptionalInt(number) => query.bind(number),
+        query = match param {
+            Param::Text(text) => query.bind(*text),
+            Param::OptionalText(text) => query.bind(*text),
+            Param::Blob(bytes) => query.bind(*bytes),
+            Param::Int(number) => query.bind(*number),
+            Param::OptionalInt(number) => query.bind(*number),
+            Param::TextArray(values) => query.bind(values.clone()),
+            Param::BlobArray(values) => query.bind(values.clone()),
+            Param::IntArray(values) => query.bind(values.clone()),
         };
     }
     query
 }
 
-fn any_cells(row: &AnyRow, columns: &[Column]) -> Result<Vec<Cell>, sqlx::Error> {
+fn postgres_cells(row: &PgRow, columns: &[Column]) -> Result<Vec<Cell>, sqlx::Error> {
     columns
         .iter()
         .enumerate()
@@ -124,7 +177,7 @@ impl GroupTransaction for PostgresTransaction<'_> {
             .await?;
         Ok(rows
             .iter()
-            .map(|row| any_cells(row, columns))
+            .map(|row| postgres_cells(row, columns))
             .collect::<Result<_, _>>()?)
     }
 }
@@ -153,12 +206,18 @@ impl SqliteTransaction<'_> {
         let mut statement = self.0.prepare_cached(sql)?;
         for (index, param) in params.iter().enumerate() {
             let position = index + 1;
-            match *param {
+            match param {
                 Param::Text(text) => statement.raw_bind_parameter(position, text)?,
                 Param::OptionalText(text) => statement.raw_bind_parameter(position, text)?,
                 Param::Blob(bytes) => statement.raw_bind_parameter(position, bytes)?,
                 Param::Int(number) => statement.raw_bind_parameter(position, number)?,
                 Param::OptionalInt(number) => statement.raw_bind_parameter(position, number)?,
+                // The group logic gives SQLite one row per statement, never a column.
+                Param::TextArray(_) | Param::BlobArray(_) | Param::IntArray(_) => {
+                    return Err(rusqlite::Error::InvalidParameterName(format!(
+                        "parameter {position} is an array, which SQLite cannot bind"
+                    )));
+                }
             }
         }
         Ok(statement)
