@@ -137,6 +137,8 @@ fn bind_all<'q>(
             Param::Blob(bytes) => query.bind(*bytes),
             Param::Int(number) => query.bind(*number),
             Param::OptionalInt(number) => query.bind(*number),
+            // A copy of the column's references, not of the values: sqlx keeps what it binds
+            // for the query's lifetime, longer than this borrow of `params`.
             Param::TextArray(values) => query.bind(values.clone()),
             Param::BlobArray(values) => query.bind(values.clone()),
             Param::IntArray(values) => query.bind(values.clone()),
@@ -214,9 +216,10 @@ impl SqliteTransaction<'_> {
                 Param::OptionalInt(number) => statement.raw_bind_parameter(position, number)?,
                 // The group logic gives SQLite one row per statement, never a column.
                 Param::TextArray(_) | Param::BlobArray(_) | Param::IntArray(_) => {
-                    return Err(rusqlite::Error::InvalidParameterName(format!(
-                        "parameter {position} is an array, which SQLite cannot bind"
-                    )));
+                    return Err(rusqlite::Error::ToSqlConversionFailure(
+                        format!("parameter {position} is an array, which SQLite cannot bind")
+                            .into(),
+                    ));
                 }
             }
         }
