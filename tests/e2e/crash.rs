@@ -55,20 +55,20 @@ async fn every_acknowledged_event_survives_sigkill(backend: Backend) -> TestResu
             orchestrator_listen.as_str(),
         ),
     ];
-    let gateway_port = free_port()?;
-    let gateway_listen = format!("127.0.0.1:{gateway_port}");
     let orchestrator_url = format!("http://{orchestrator_listen}");
+    // The gateway is never restarted: it takes a port of its own.
     let gateway = Service::start(
         folder.path(),
         &["gateway"],
         &[
-            ("LEADRELAY_GATEWAY_LISTEN", gateway_listen.as_str()),
+            ("LEADRELAY_GATEWAY_LISTEN", "127.0.0.1:0"),
             ("LEADRELAY_ORCHESTRATOR_URL", orchestrator_url.as_str()),
             ("LEADRELAY_HANA_WEBHOOK_TOKEN", "crash-test-token"),
         ],
     )?;
     let mut orchestrator = Service::start(folder.path(), &["orchestrator"], &orchestrator_env)?;
     wait_serving(orchestrator_listen.parse()?).await?;
+    let gateway_listen = gateway.listening_addr("gateway listening").await?;
     wait_http_ok(&format!("http://{gateway_listen}/healthz")).await?;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -233,6 +233,25 @@ impl Service {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits up to 20 s for the process to log the address it listens on with `message` (e.g.
+    /// "gateway listening"): for a service started on port 0. Fails with its logs.
+    pub(crate) async fn listening_addr(&self, message: &str) -> Result<SocketAddr, Error> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(addr) = self.logged_addr(message) {
+                return Ok(addr);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no \"{message}\" line with its address within 20 s; logs:\n{}",
+                    self.logs()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The address the process logged with `message` (e.g. "metrics listening"), once it has:
     /// a listener given port 0 takes a port no other process can hold, unlike a port picked by
     /// the test and bound by the process later.

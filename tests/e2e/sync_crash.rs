@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -77,8 +78,8 @@ async fn deliver(http: &reqwest::Client, url: &str, body: &Value) -> Result<usiz
 }
 
 /// Waits until `service` at `listen` serves; fails with its logs.
-async fn serving(listen: &str, service: &Service) -> Result<(), Error> {
-    wait_serving(listen.parse()?)
+async fn serving(listen: SocketAddr, service: &Service) -> Result<(), Error> {
+    wait_serving(listen)
         .await
         .map_err(|error| format!("{error}; its logs:\n{}", service.logs()).into())
 }
@@ -120,13 +121,10 @@ async fn two_replicas_killed_again_and_again_lose_nothing_and_duplicate_nothing(
         .mount(&hana_fake)
         .await;
     let hana_url = format!("{}/update", hana_fake.uri());
-    let (pipedrive_listen, salesman_listen) = (loopback()?, loopback()?);
-    let hana_listen = loopback()?;
-    let hana_adapter = format!("http://{hana_listen}");
-    let (replica_listen, gateway_listen) = ([loopback()?, loopback()?], loopback()?);
+    // The replicas come back on their addresses after each kill; every other service takes a
+    // port of its own.
+    let replica_listen = [loopback()?, loopback()?];
     let (pipedrive_url, salesman_url) = (pipedrive_fake.uri(), salesman_fake.uri());
-    let pipedrive_adapter = format!("http://{pipedrive_listen}");
-    let salesman_adapter = format!("http://{salesman_listen}");
     let credentials = [
         ("LEADRELAY_PIPEDRIVE_API_URL", pipedrive_url.as_str()),
         ("LEADRELAY_PIPEDRIVE_API_TOKEN", PIPEDRIVE_TOKEN),
@@ -143,13 +141,23 @@ async fn two_replicas_killed_again_and_again_lose_nothing_and_duplicate_nothing(
     ];
     let mut adapter_env = credentials.to_vec();
     adapter_env.extend([
-        ("LEADRELAY_PIPEDRIVE_LISTEN", pipedrive_listen.as_str()),
-        ("LEADRELAY_SALESMAN_LISTEN", salesman_listen.as_str()),
-        ("LEADRELAY_HANA_LISTEN", hana_listen.as_str()),
+        ("LEADRELAY_PIPEDRIVE_LISTEN", "127.0.0.1:0"),
+        ("LEADRELAY_SALESMAN_LISTEN", "127.0.0.1:0"),
+        ("LEADRELAY_HANA_LISTEN", "127.0.0.1:0"),
     ]);
     let pipedrive = Service::start(folder.path(), &["pipedrive-adapter"], &adapter_env)?;
     let salesman = Service::start(folder.path(), &["salesman-adapter"], &adapter_env)?;
     let hana = Service::start(folder.path(), &["hana-adapter"], &adapter_env)?;
+    let adapter_url = |adapter: SocketAddr| format!("http://{adapter}");
+    let listening = "gRPC server listening";
+    let pipedrive_listen = pipedrive.listening_addr(listening).await?;
+    let salesman_listen = salesman.listening_addr(listening).await?;
+    let hana_listen = hana.listening_addr(listening).await?;
+    let (pipedrive_adapter, salesman_adapter, hana_adapter) = (
+        adapter_url(pipedrive_listen),
+        adapter_url(salesman_listen),
+        adapter_url(hana_listen),
+    );
     let replica_env = |index: usize| {
         let listen = replica_listen[index].as_str();
         let mut env = credentials.to_vec();
@@ -171,24 +179,25 @@ async fn two_replicas_killed_again_and_again_lose_nothing_and_duplicate_nothing(
         |index: usize| Service::start(folder.path(), &["orchestrator"], &replica_env(index));
     // The first replica migrates the database; the second starts on it.
     let first = start_replica(0)?;
-    serving(&replica_listen[0], &first).await?;
+    serving(replica_listen[0].parse()?, &first).await?;
     let second = start_replica(1)?;
-    serving(&replica_listen[1], &second).await?;
+    serving(replica_listen[1].parse()?, &second).await?;
     let mut replicas = [Some(first), Some(second)];
-    serving(&pipedrive_listen, &pipedrive).await?;
-    serving(&salesman_listen, &salesman).await?;
-    serving(&hana_listen, &hana).await?;
+    serving(pipedrive_listen, &pipedrive).await?;
+    serving(salesman_listen, &salesman).await?;
+    serving(hana_listen, &hana).await?;
     // The gateway talks to replica 0; while it is down, Hana's deliveries are refused and resent.
     let replica_0 = format!("http://{}", replica_listen[0]);
-    let _gateway = Service::start(
+    let gateway = Service::start(
         folder.path(),
         &["gateway"],
         &[
-            ("LEADRELAY_GATEWAY_LISTEN", gateway_listen.as_str()),
+            ("LEADRELAY_GATEWAY_LISTEN", "127.0.0.1:0"),
             ("LEADRELAY_ORCHESTRATOR_URL", replica_0.as_str()),
             ("LEADRELAY_HANA_WEBHOOK_TOKEN", TOKEN),
         ],
     )?;
+    let gateway_listen = gateway.listening_addr("gateway listening").await?;
     wait_http_ok(&format!("http://{gateway_listen}/healthz")).await?;
 
     let started = Instant::now();
