@@ -179,27 +179,59 @@ where
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let mut params = Vec::new();
+    let rows = StatementRows::collect(statement, rows, params_of);
     match sql.0 {
         Backend::Sqlite => {
             let text = Sql::one_row(statement);
             let mut returned = Vec::new();
-            for row in rows {
-                params.clear();
-                params_of(row, &mut params);
-                returned.extend(run(transaction, &text, &params, columns).await?);
+            for row in rows.each_row()? {
+                returned.extend(run(transaction, &text, row, columns).await?);
             }
             Ok(returned)
         }
         Backend::Postgres => {
-            for row in rows {
-                params_of(row, &mut params);
-            }
-            let arrays = into_columns(params, rows.len())?;
-            let array_types: Vec<&str> = arrays.iter().filter_map(Param::array_type).collect();
-            let text = Sql::unnested(statement, &array_types, 0);
+            let (text, arrays) = rows.unnested(0)?;
             run(transaction, &text, &arrays, columns).await
         }
+    }
+}
+
+/// A statement over rows with the parameters of every row, one row after the other.
+struct StatementRows<'s, 'a> {
+    statement: &'s Repeated<'s>,
+    rows: usize,
+    params: Vec<Param<'a>>,
+}
+
+impl<'s, 'a> StatementRows<'s, 'a> {
+    /// `statement` over `rows`, each giving its parameters through `params_of`.
+    fn collect<R>(
+        statement: &'s Repeated<'s>,
+        rows: &'a [R],
+        params_of: impl Fn(&'a R, &mut Vec<Param<'a>>),
+    ) -> Self {
+        let mut params = Vec::new();
+        for row in rows {
+            params_of(row, &mut params);
+        }
+        Self {
+            statement,
+            rows: rows.len(),
+            params,
+        }
+    }
+
+    /// Each row's parameters (SQLite: one statement per row).
+    fn each_row(&self) -> Result<std::slice::Chunks<'_, Param<'a>>, IngestError> {
+        Ok(self.params.chunks(row_width(self.params.len(), self.rows)?))
+    }
+
+    /// The statement over one array per column, its arrays bound after `bound` parameters of the
+    /// statement it is part of (Postgres: one statement for every row); its text and arrays.
+    fn unnested(self, bound: usize) -> Result<(String, Vec<Param<'a>>), IngestError> {
+        let arrays = into_columns(self.params, self.rows)?;
+        let array_types: Vec<&str> = arrays.iter().filter_map(Param::array_type).collect();
+        Ok((Sql::unnested(self.statement, &array_types, bound), arrays))
     }
 }
 
@@ -958,14 +990,7 @@ static JOBS: Repeated<'static> = Repeated {
 /// 117 µs a group, `BEGIN` 227 µs).
 #[derive(Default)]
 struct Tail<'a> {
-    parts: Vec<TailPart<'a>>,
-}
-
-/// One insert of a [`Tail`]: its rows' parameters, one row after the other.
-struct TailPart<'a> {
-    statement: &'static Repeated<'static>,
-    rows: usize,
-    params: Vec<Param<'a>>,
+    parts: Vec<StatementRows<'static, 'a>>,
 }
 
 impl<'a> Tail<'a> {
@@ -976,18 +1001,10 @@ impl<'a> Tail<'a> {
         rows: &'a [R],
         params_of: impl Fn(&'a R, &mut Vec<Param<'a>>),
     ) {
-        if rows.is_empty() {
-            return;
+        if !rows.is_empty() {
+            self.parts
+                .push(StatementRows::collect(statement, rows, params_of));
         }
-        let mut params = Vec::new();
-        for row in rows {
-            params_of(row, &mut params);
-        }
-        self.parts.push(TailPart {
-            statement,
-            rows: rows.len(),
-            params,
-        });
     }
 
     /// Runs every insert added.
@@ -1000,8 +1017,7 @@ impl<'a> Tail<'a> {
             Backend::Sqlite => {
                 for part in self.parts {
                     let text = Sql::one_row(part.statement);
-                    let width = row_width(part.params.len(), part.rows)?;
-                    for row in part.params.chunks(width) {
+                    for row in part.each_row()? {
                         transaction.execute(&text, row).await?;
                     }
                 }
@@ -1011,10 +1027,8 @@ impl<'a> Tail<'a> {
                 let mut texts = Vec::with_capacity(self.parts.len());
                 let mut params = Vec::new();
                 for part in self.parts {
-                    let arrays = into_columns(part.params, part.rows)?;
-                    let array_types: Vec<&str> =
-                        arrays.iter().filter_map(Param::array_type).collect();
-                    texts.push(Sql::unnested(part.statement, &array_types, params.len()));
+                    let (text, arrays) = part.unnested(params.len())?;
+                    texts.push(text);
                     params.extend(arrays);
                 }
                 let Some(last) = texts.pop() else {
