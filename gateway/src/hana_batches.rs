@@ -1,5 +1,6 @@
-//! Hands Hana webhook calls to the orchestrator in batches: the calls that arrive while earlier
-//! ones are on their way go together in one `IngestHanaEvents` call.
+//! Hands Hana webhook calls to the orchestrator in batches while no stream of calls is open (see
+//! [`crate::hana_stream`]): the calls that arrive while earlier ones are on their way go together
+//! in one `IngestHanaEvents` call.
 //!
 //! A call on its own costs a gRPC stream: headers each way, a task on each side, a wake-up of
 //! both connection tasks. Under load those, not the store, were what a webhook waited for (about
@@ -22,8 +23,8 @@ use std::{
 
 use axum::body::Bytes;
 use leadrelay_proto::v1::{
-    IngestHanaEventRequest, IngestHanaEventResponse, IngestHanaEventsRequest,
-    ingest_hana_event_result::Result as CallResult,
+    IngestHanaEventRequest, IngestHanaEventResponse, IngestHanaEventResult,
+    IngestHanaEventsRequest, ingest_hana_event_result::Result as CallResult,
     orchestrator_service_client::OrchestratorServiceClient,
 };
 use leadrelay_runtime::propagation::{TracedChannel, link_trace};
@@ -51,7 +52,7 @@ const MIN_DEADLINE: Duration = Duration::from_millis(100);
 const ONE_BY_ONE_FOR: Duration = Duration::from_secs(60);
 
 /// What a call's sender hears back.
-type Answer = Result<IngestHanaEventResponse, Status>;
+pub(crate) type Answer = Result<IngestHanaEventResponse, Status>;
 
 /// A call waiting for its batch.
 struct Queued {
@@ -64,6 +65,7 @@ struct Queued {
 }
 
 /// The handle the webhook handlers queue their calls on.
+#[derive(Clone)]
 pub(crate) struct HanaBatches {
     queue: mpsc::Sender<Queued>,
 }
@@ -83,15 +85,32 @@ impl HanaBatches {
     /// Stores `call` through the orchestrator; answers once it is stored, or why not.
     pub(crate) async fn ingest(&self, call: IngestHanaEventRequest) -> Answer {
         let (reply, answer) = oneshot::channel();
+        self.forward(call, Instant::now(), reply).await;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the gateway is shutting down"))?
+    }
+
+    /// Queues `call`, waiting since `queued_at`, to be answered on `reply`. A call that cannot
+    /// be queued (the gateway is shutting down) is answered so at once.
+    pub(crate) async fn forward(
+        &self,
+        call: IngestHanaEventRequest,
+        queued_at: Instant,
+        reply: oneshot::Sender<Answer>,
+    ) {
         let queued = Queued {
             bytes: call.encoded_len(),
             call,
-            queued_at: Instant::now(),
+            queued_at,
             reply,
         };
-        let stopped = || Status::unavailable("the gateway is shutting down");
-        self.queue.send(queued).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        if let Err(refused) = self.queue.send(queued).await {
+            let _ = refused
+                .0
+                .reply
+                .send(Err(Status::unavailable("the gateway is shutting down")));
+        }
     }
 }
 
@@ -197,16 +216,7 @@ impl Orchestrator {
             Ok(response) => {
                 let mut results = response.into_inner().results.into_iter();
                 for reply in replies {
-                    let answer = match results.next().and_then(|result| result.result) {
-                        Some(CallResult::Stored(stored)) => Ok(stored),
-                        Some(CallResult::Failure(failure)) => {
-                            Err(Status::new(Code::from_i32(failure.code), failure.message))
-                        }
-                        None => Err(Status::internal(
-                            "the orchestrator answered fewer calls than the batch held",
-                        )),
-                    };
-                    let _ = reply.send(answer);
+                    let _ = reply.send(call_answer(results.next()));
                 }
             }
             Err(status) if status.code() == Code::Unimplemented => {
@@ -261,9 +271,24 @@ impl Orchestrator {
     }
 }
 
-/// What a call of a batch is made again from when the orchestrator refuses the batch: the body
-/// as received (a shared buffer, not a copy) and what the webhook's handler added to it.
-struct Resend {
+/// A call's answer from what the orchestrator said of it in a batch or on a stream; `None`
+/// when it said nothing of the call.
+pub(crate) fn call_answer(result: Option<IngestHanaEventResult>) -> Answer {
+    match result.and_then(|result| result.result) {
+        Some(CallResult::Stored(stored)) => Ok(stored),
+        Some(CallResult::Failure(failure)) => {
+            Err(Status::new(Code::from_i32(failure.code), failure.message))
+        }
+        None => Err(Status::internal(
+            "the orchestrator's answer did not say what became of the call",
+        )),
+    }
+}
+
+/// What a call is made again from when the orchestrator refuses its batch or its stream ends
+/// before it is answered: the body as received (a shared buffer, not a copy) and what the
+/// webhook's handler added to it.
+pub(crate) struct Resend {
     kind: i32,
     raw_body: Bytes,
     received_at: Option<prost_types::Timestamp>,
@@ -271,7 +296,7 @@ struct Resend {
 }
 
 impl Resend {
-    fn of(call: &IngestHanaEventRequest) -> Self {
+    pub(crate) fn of(call: &IngestHanaEventRequest) -> Self {
         Self {
             kind: call.kind,
             raw_body: call.raw_body.clone(),
@@ -281,7 +306,7 @@ impl Resend {
     }
 
     /// The call again, its body parsed again: parsing is a function of the body alone.
-    fn into_call(self) -> IngestHanaEventRequest {
+    pub(crate) fn into_call(self) -> IngestHanaEventRequest {
         hana_ingest_request(self.kind, self.raw_body, self.received_at, self.traceparent)
     }
 }

@@ -5,6 +5,7 @@ mod auth;
 mod error;
 mod hana_batches;
 pub mod hana_body;
+mod hana_stream;
 mod pipedrive_body;
 mod webhooks;
 
@@ -93,8 +94,8 @@ impl GatewayConfig {
 /// Shared state of the handlers.
 pub(crate) struct AppState {
     config: GatewayConfig,
-    /// Hana calls go in batches; see [`hana_batches`].
-    hana_batches: hana_batches::HanaBatches,
+    /// Hana calls go on a stream, or in batches while none is open; see [`hana_stream`].
+    hana_calls: hana_stream::HanaCalls,
     orchestrator: OrchestratorServiceClient<TracedChannel>,
     orchestrator_health: HealthClient<TracedChannel>,
 }
@@ -104,7 +105,10 @@ pub fn router(config: GatewayConfig) -> Result<Router, GatewayStartError> {
     let channel = connect_lazy(&config.orchestrator_url)?;
     let orchestrator = OrchestratorServiceClient::new(channel.clone());
     let state = Arc::new(AppState {
-        hana_batches: hana_batches::HanaBatches::start(orchestrator.clone()),
+        hana_calls: hana_stream::HanaCalls::start(
+            orchestrator.clone(),
+            hana_batches::HanaBatches::start(orchestrator.clone()),
+        ),
         orchestrator,
         orchestrator_health: HealthClient::new(channel),
         config,

@@ -144,7 +144,7 @@ async fn hana_call(
         current_traceparent().unwrap_or_default(),
     );
     let answer = state
-        .hana_batches
+        .hana_calls
         .ingest(call)
         .await
         .map_err(|status| GatewayError::from_ingest_status(&status))?;

@@ -450,102 +450,195 @@ async fn concurrent_webhooks_each_get_their_own_answer(backend: Backend) -> Test
     harness.finish().await
 }
 
-/// An orchestrator older than the gateway (a rolling upgrade, a rollback) refuses batches with
-/// UNIMPLEMENTED: the gateway must send the same calls again one by one, so that no webhook fails.
-#[tokio::test]
-async fn an_orchestrator_without_batches_still_gets_every_call() -> TestResult {
-    use axum::response::IntoResponse as _;
-    use leadrelay_proto::v1::orchestrator_service_server::OrchestratorServiceServer;
+/// The orchestrator's service, in this process, behind a router that refuses some of its methods
+/// as UNIMPLEMENTED (as an orchestrator built before them does) and counts the calls each method
+/// gets; a gateway in front of it.
+struct OrchestratorBehindRouter {
+    orchestrator: leadrelay_orchestrator::Orchestrator,
+    calls: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    gateway: std::net::SocketAddr,
+    /// Ends the orchestrator's streams of Hana calls, as its shutdown does.
+    streams_end: tokio_util::sync::CancellationToken,
+    shutdown: tokio_util::sync::CancellationToken,
+    _folder: tempfile::TempDir,
+}
 
-    let folder = tempfile::tempdir()?;
-    let url: leadrelay_runtime::config::DatabaseUrl =
-        format!("sqlite://{}/old.db", folder.path().display()).parse()?;
-    let store = leadrelay_orchestrator::Store::connect(&url).await?;
-    store.migrate().await?;
-    let orchestrator = leadrelay_orchestrator::Orchestrator::new(
-        store,
-        leadrelay_orchestrator::IngestPolicy::default(),
-    )?;
-    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = refused.clone();
-    // Every RPC but IngestHanaEvents, as an orchestrator built before it answers.
-    let old_orchestrator = axum::Router::new()
-        .route(
-            "/leadrelay.v1.OrchestratorService/IngestHanaEvents",
-            axum::routing::post(move || {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async {
-                    tonic::Status::unimplemented("unknown method IngestHanaEvents")
+const OLD_TOKEN: &str = "old-token";
+
+impl OrchestratorBehindRouter {
+    async fn start(refused: &[&'static str]) -> Result<Self, Error> {
+        use axum::response::IntoResponse as _;
+        use leadrelay_proto::v1::orchestrator_service_server::OrchestratorServiceServer;
+
+        let folder = tempfile::tempdir()?;
+        let url: leadrelay_runtime::config::DatabaseUrl =
+            format!("sqlite://{}/old.db", folder.path().display()).parse()?;
+        let store = leadrelay_orchestrator::Store::connect(&url).await?;
+        store.migrate().await?;
+        let streams_end = tokio_util::sync::CancellationToken::new();
+        let orchestrator = leadrelay_orchestrator::Orchestrator::new(
+            store,
+            leadrelay_orchestrator::IngestPolicy::default(),
+        )?
+        .with_shutdown(streams_end.clone());
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let mut router = axum::Router::new();
+        for &method in refused {
+            router = router.route(
+                &format!("/leadrelay.v1.OrchestratorService/{method}"),
+                axum::routing::post(move || async move {
+                    tonic::Status::unimplemented(format!("unknown method {method}"))
                         .into_http::<axum::body::Body>()
                         .into_response()
-                }
-            }),
-        )
-        .fallback_service(OrchestratorServiceServer::new(orchestrator.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let orchestrator_addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, old_orchestrator).await });
+                }),
+            );
+        }
+        let counted = calls.clone();
+        let router = router
+            .fallback_service(OrchestratorServiceServer::new(orchestrator.clone()))
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+                    if let Ok(mut calls) = counted.lock() {
+                        *calls.entry(method.to_owned()).or_default() += 1;
+                    }
+                    next.run(request)
+                },
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let orchestrator_addr = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, router).await });
 
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let gateway_addr = gateway.local_addr()?;
-    tokio::spawn(leadrelay_gateway::serve(
-        leadrelay_gateway::GatewayConfig {
-            hana_webhook_token: "old-token".to_owned().into(),
-            hana_webhook_token_previous: None,
-            pipedrive_webhook: None,
-            orchestrator_url: format!("http://{orchestrator_addr}").parse()?,
-        },
-        gateway,
-        shutdown.clone(),
-    ));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let gateway_addr = gateway.local_addr()?;
+        tokio::spawn(leadrelay_gateway::serve(
+            leadrelay_gateway::GatewayConfig {
+                hana_webhook_token: OLD_TOKEN.to_owned().into(),
+                hana_webhook_token_previous: None,
+                pipedrive_webhook: None,
+                orchestrator_url: format!("http://{orchestrator_addr}").parse()?,
+            },
+            gateway,
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            orchestrator,
+            calls,
+            gateway: gateway_addr,
+            streams_end,
+            shutdown,
+            _folder: folder,
+        })
+    }
 
-    let http = reqwest::Client::new();
-    let mut posts = tokio::task::JoinSet::new();
-    for n in 0..30 {
-        let http = http.clone();
-        let url = format!("http://{gateway_addr}/webhooks/hana/lead.created?token=old-token");
-        // The 30th body is not JSON: resent, it must still reach quarantine as it was sent.
-        let body = if n == 29 {
-            "{\"lead\": ".to_owned()
-        } else {
-            lead_body(
-                &format!("old-{n}"),
-                &[("baseName", json!(format!("Old {n}")))],
-            )
-        };
-        posts.spawn(async move {
-            let answer = http.post(url).body(body).send().await?;
-            Ok::<_, Error>((answer.status().as_u16(), answer.text().await?))
-        });
+    /// The calls `method` got so far.
+    fn calls(&self, method: &str) -> usize {
+        self.calls
+            .lock()
+            .map(|calls| calls.get(method).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
-    while let Some(posted) = posts.join_next().await {
-        let (status, answer) = posted??;
-        assert_eq!(status, 200, "{answer}");
+
+    /// Waits until `method` got a call.
+    async fn wait_for_call(&self, method: &str) -> TestResult {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.calls(method) == 0 {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("the gateway never called {method}").into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
+
+    /// Posts the leads `numbers` all at once, and the body `raw` as well when given; each must be
+    /// answered 200.
+    async fn post_all(&self, numbers: std::ops::Range<usize>, raw: Option<&str>) -> TestResult {
+        let http = reqwest::Client::new();
+        let url = format!(
+            "http://{}/webhooks/hana/lead.created?token={OLD_TOKEN}",
+            self.gateway
+        );
+        let bodies = numbers
+            .map(|n| {
+                lead_body(
+                    &format!("old-{n}"),
+                    &[("baseName", json!(format!("Old {n}")))],
+                )
+            })
+            .chain(raw.map(str::to_owned));
+        let mut posts = tokio::task::JoinSet::new();
+        for body in bodies {
+            let (http, url) = (http.clone(), url.clone());
+            posts.spawn(async move {
+                let answer = http.post(url).body(body).send().await?;
+                Ok::<_, Error>((answer.status().as_u16(), answer.text().await?))
+            });
+        }
+        while let Some(posted) = posts.join_next().await {
+            let (status, answer) = posted??;
+            assert_eq!(status, 200, "{answer}");
+        }
+        Ok(())
+    }
+
+    /// Checks that the leads `numbers` are stored, each as it was sent, and that `events` events
+    /// and `quarantined` calls are.
+    async fn assert_stored(
+        &self,
+        numbers: std::ops::Range<usize>,
+        events: u64,
+        quarantined: u64,
+    ) -> TestResult {
+        use leadrelay_proto::v1::orchestrator_service_server::OrchestratorService as _;
+        let stats = self
+            .orchestrator
+            .get_stats(tonic::Request::new(GetStatsRequest {}))
+            .await?
+            .into_inner();
+        assert_eq!(
+            (stats.events_total, stats.quarantined_total),
+            (events, quarantined)
+        );
+        for n in numbers {
+            let lead = self
+                .orchestrator
+                .get_lead(tonic::Request::new(GetLeadRequest {
+                    key: Some(get_lead_request::Key::Remote(remote(&format!("old-{n}")))),
+                }))
+                .await?
+                .into_inner()
+                .lead
+                .ok_or("no lead")?;
+            assert_eq!(lead.name, format!("Old {n}"));
+        }
+        Ok(())
+    }
+}
+
+/// An orchestrator older than the gateway (a rolling upgrade, a rollback) refuses both the
+/// stream and batches with UNIMPLEMENTED: the gateway must send the same calls again one by one,
+/// so that no webhook fails.
+#[tokio::test]
+async fn an_orchestrator_without_batches_still_gets_every_call() -> TestResult {
+    let old = OrchestratorBehindRouter::start(&["IngestHanaStream", "IngestHanaEvents"]).await?;
+    old.wait_for_call("IngestHanaStream").await?;
+    // The 30th body is not JSON: resent, it must still reach quarantine as it was sent.
+    old.post_all(0..29, Some("{\"lead\": ")).await?;
     assert!(
-        refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        old.calls("IngestHanaEvents") >= 1,
         "the gateway never tried a batch"
     );
-    use leadrelay_proto::v1::orchestrator_service_server::OrchestratorService as _;
-    let stats = orchestrator
-        .get_stats(tonic::Request::new(GetStatsRequest {}))
-        .await?
-        .into_inner();
-    assert_eq!((stats.events_total, stats.quarantined_total), (29, 1));
+    assert!(
+        old.calls("IngestHanaEvent") >= 30,
+        "the calls did not go one by one"
+    );
     // Each call is sent again as it came in, not as any other call of the batch.
-    for n in 0..29 {
-        let lead = orchestrator
-            .get_lead(tonic::Request::new(GetLeadRequest {
-                key: Some(get_lead_request::Key::Remote(remote(&format!("old-{n}")))),
-            }))
-            .await?
-            .into_inner()
-            .lead
-            .ok_or("no lead")?;
-        assert_eq!(lead.name, format!("Old {n}"));
-    }
-    let quarantined = orchestrator
+    old.assert_stored(0..29, 29, 1).await?;
+    use leadrelay_proto::v1::orchestrator_service_server::OrchestratorService as _;
+    let quarantined = old
+        .orchestrator
         .list_quarantined(tonic::Request::new(ListQuarantinedRequest {
             page_size: 1,
             page_token: String::new(),
@@ -559,7 +652,78 @@ async fn an_orchestrator_without_batches_still_gets_every_call() -> TestResult {
         "{}",
         call.reason
     );
-    shutdown.cancel();
+    old.shutdown.cancel();
+    Ok(())
+}
+
+/// An orchestrator that takes batches but not the stream of calls gets every call in batches.
+#[tokio::test]
+async fn an_orchestrator_without_the_stream_gets_every_call_in_batches() -> TestResult {
+    let old = OrchestratorBehindRouter::start(&["IngestHanaStream"]).await?;
+    old.wait_for_call("IngestHanaStream").await?;
+    old.post_all(0..30, None).await?;
+    assert!(old.calls("IngestHanaEvents") >= 1, "no batch was sent");
+    assert_eq!(old.calls("IngestHanaEvent"), 0, "calls went one by one");
+    assert_eq!(
+        old.calls("IngestHanaStream"),
+        1,
+        "the refused stream was tried again at once"
+    );
+    old.assert_stored(0..30, 30, 0).await?;
+    old.shutdown.cancel();
+    Ok(())
+}
+
+/// Webhooks go on the stream once it is open. When the orchestrator ends it (as it does when it
+/// shuts down) while webhooks are on their way, the calls it left unanswered are sent again in
+/// batches, and later calls go in batches until a new stream stays open: every webhook is
+/// answered 200 and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_an_ended_stream_left_unanswered_are_sent_again() -> TestResult {
+    const LEADS: usize = 300;
+    let orchestrator = std::sync::Arc::new(OrchestratorBehindRouter::start(&[]).await?);
+    orchestrator.wait_for_call("IngestHanaStream").await?;
+    // The gateway takes the stream as open once the orchestrator's answer to it arrives.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    orchestrator.post_all(0..20, None).await?;
+    assert_eq!(
+        orchestrator.calls("IngestHanaEvents"),
+        0,
+        "calls went in batches while the stream was open"
+    );
+
+    // The stream ends while the rest are on their way; from then on every stream the
+    // orchestrator is given ends at once, with whatever calls were already written onto it unread.
+    let posting = tokio::spawn({
+        let orchestrator = orchestrator.clone();
+        async move { orchestrator.post_all(20..LEADS, None).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        use leadrelay_proto::v1::orchestrator_service_server::OrchestratorService as _;
+        let stats = orchestrator
+            .orchestrator
+            .get_stats(tonic::Request::new(GetStatsRequest {}))
+            .await?
+            .into_inner();
+        if stats.events_total >= 60 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("only {} events stored", stats.events_total).into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    orchestrator.streams_end.cancel();
+    posting.await??;
+    assert!(
+        orchestrator.calls("IngestHanaEvents") >= 1,
+        "no call went in a batch after the stream ended"
+    );
+    orchestrator
+        .assert_stored(0..LEADS, LEADS as u64, 0)
+        .await?;
+    orchestrator.shutdown.cancel();
     Ok(())
 }
 

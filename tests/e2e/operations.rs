@@ -213,6 +213,29 @@ async fn every_cookbook_command_runs_against_leadrelay_up() -> TestResult {
         ),
         "{batch}"
     );
+    // The stream answers each call under its `call_id`: the repeated body as a duplicate of the
+    // first event, the new one stored.
+    let streamed: HashMap<String, &serde_json::Value> = answers
+        .iter()
+        .find(|(command, _)| command.contains("OrchestratorService/IngestHanaStream"))
+        .map(|(_, parsed)| parsed)
+        .ok_or("no answer to IngestHanaStream")?
+        .iter()
+        .filter_map(|answer| Some((answer["callId"].as_str()?.to_owned(), &answer["result"])))
+        .collect();
+    assert_eq!(streamed.len(), 2, "{streamed:?}");
+    assert_eq!(streamed["1"]["stored"]["duplicate"], true, "{streamed:?}");
+    assert_eq!(
+        streamed["1"]["stored"]["eventId"].as_str(),
+        ids.get("EVENT_ID").map(String::as_str),
+        "the duplicate names the first event: {streamed:?}"
+    );
+    assert!(
+        streamed["2"]["stored"]["eventId"].as_str().is_some_and(
+            |id| id.starts_with("evt_") && Some(id) != ids.get("EVENT_ID").map(String::as_str)
+        ),
+        "{streamed:?}"
+    );
     for placeholder in ["EVENT_ID", "LEAD_ID", "DEAL_ID", "JOB_ID"] {
         assert!(
             ids.contains_key(placeholder),

@@ -239,6 +239,12 @@ impl Ingester {
         &self,
         calls: Vec<HanaCall>,
     ) -> Vec<Result<IngestOutcome, IngestError>> {
+        self.queue_all(calls).await.outcomes().await
+    }
+
+    /// Queues each call to be stored on its own; returns once they are queued (it waits while
+    /// the writer's queue is full), with the handle their outcomes come through.
+    pub async fn queue_all(&self, calls: Vec<HanaCall>) -> QueuedCalls {
         // The calls enter the queue together, so that the writer never takes part of them into
         // one group and leaves the rest to the next: they would all wait for the second group.
         let mut answers = Vec::with_capacity(calls.len());
@@ -260,8 +266,24 @@ impl Ingester {
                 break;
             }
         }
-        let mut outcomes = Vec::with_capacity(answers.len());
-        for answer in answers {
+        QueuedCalls {
+            answers,
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// Calls in the writer's queue, whose outcomes come through this.
+pub struct QueuedCalls {
+    answers: Vec<oneshot::Receiver<Result<IngestOutcome, IngestError>>>,
+    store: Store,
+}
+
+impl QueuedCalls {
+    /// The outcomes in the calls' order, once every call is committed or failed.
+    pub async fn outcomes(self) -> Vec<Result<IngestOutcome, IngestError>> {
+        let mut outcomes = Vec::with_capacity(self.answers.len());
+        for answer in self.answers {
             let outcome = answer.await.unwrap_or(Err(IngestError::Stopped));
             outcomes.push(outcome);
         }

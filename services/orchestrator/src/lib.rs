@@ -2,6 +2,7 @@
 //! the admin API (`leadrelay.v1.OrchestratorService`).
 
 mod entity;
+mod hana_stream;
 pub mod ingest;
 pub mod mapping;
 pub mod pipedrive_events;
@@ -181,7 +182,8 @@ pub async fn serve(
     );
     let orchestrator = Orchestrator::new(store.clone(), policy)?
         .with_pipedrive_poller(pipedrive.as_ref().map(|(poller, _)| poller.clone()))
-        .with_salesman_poller(salesman.as_ref().map(|(poller, _)| poller.clone()));
+        .with_salesman_poller(salesman.as_ref().map(|(poller, _)| poller.clone()))
+        .with_shutdown(shutdown.clone());
     if let Some((poller, interval)) = pipedrive {
         tokio::spawn(poller.run(interval, shutdown.clone()));
     }

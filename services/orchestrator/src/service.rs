@@ -4,15 +4,17 @@ use leadrelay_proto::v1::{
     GetDealRequest, GetDealResponse, GetEventRequest, GetEventResponse, GetLeadRequest,
     GetLeadResponse, GetStatsRequest, GetStatsResponse, HanaEventKind, IngestFailure,
     IngestHanaEventRequest, IngestHanaEventResponse, IngestHanaEventResult,
-    IngestHanaEventsRequest, IngestHanaEventsResponse, IngestPipedriveEventRequest,
-    IngestPipedriveEventResponse, ListEventsRequest, ListEventsResponse, ListJobsRequest,
-    ListJobsResponse, ListQuarantinedRequest, ListQuarantinedResponse, ReplayDeadLettersRequest,
-    ReplayDeadLettersResponse, RetryJobRequest, RetryJobResponse, System, TriggerPollRequest,
-    TriggerPollResponse, get_deal_request, get_lead_request, ingest_hana_event_request,
-    ingest_hana_event_result, orchestrator_service_server::OrchestratorService,
+    IngestHanaEventsRequest, IngestHanaEventsResponse, IngestHanaStreamRequest,
+    IngestPipedriveEventRequest, IngestPipedriveEventResponse, ListEventsRequest,
+    ListEventsResponse, ListJobsRequest, ListJobsResponse, ListQuarantinedRequest,
+    ListQuarantinedResponse, ReplayDeadLettersRequest, ReplayDeadLettersResponse, RetryJobRequest,
+    RetryJobResponse, System, TriggerPollRequest, TriggerPollResponse, get_deal_request,
+    get_lead_request, ingest_hana_event_request, ingest_hana_event_result,
+    orchestrator_service_server::OrchestratorService,
 };
 use leadrelay_runtime::propagation::{continue_trace, current_traceparent};
-use tonic::{Request, Response, Status};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
@@ -30,6 +32,9 @@ pub struct Orchestrator {
     ingester: Ingester,
     pipedrive_poller: Option<crate::poller::PipedrivePoller>,
     salesman_poller: Option<crate::salesman_poller::SalesManPoller>,
+    /// Cancelled when the orchestrator shuts down: its IngestHanaStreams then end, which a
+    /// server's graceful shutdown waits for.
+    streams_end: CancellationToken,
 }
 
 impl Orchestrator {
@@ -41,7 +46,16 @@ impl Orchestrator {
             ingester,
             pipedrive_poller: None,
             salesman_poller: None,
+            streams_end: CancellationToken::new(),
         })
+    }
+
+    /// The orchestrator with its IngestHanaStreams ending once `shutdown` is cancelled: they
+    /// never end by themselves, and a server shutting down waits for its open calls.
+    #[must_use]
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.streams_end = shutdown;
+        self
     }
 
     /// The orchestrator with `poller` for TriggerPoll of SalesMan.
@@ -133,7 +147,7 @@ fn remote_key(remote: leadrelay_proto::v1::RemoteKey) -> Result<EntityKey, Statu
 
 /// A Hana call as ingest takes it, and the span its storing is recorded in: a child of the
 /// call's own `traceparent` when it carries one (a call from a batch), else of the RPC's span.
-fn hana_call(request: IngestHanaEventRequest) -> (HanaCall, tracing::Span) {
+pub(crate) fn hana_call(request: IngestHanaEventRequest) -> (HanaCall, tracing::Span) {
     let body = match request.body {
         Some(ingest_hana_event_request::Body::Webhook(webhook)) => Ok(webhook),
         Some(ingest_hana_event_request::Body::Unparsed(unparsed)) => Err(unparsed.reason),
@@ -182,6 +196,25 @@ fn stored(span: &tracing::Span, outcome: IngestOutcome) -> IngestHanaEventRespon
     }
 }
 
+/// What became of one call of a batch or a stream, recorded on its span.
+pub(crate) fn call_result(
+    span: &tracing::Span,
+    outcome: Result<IngestOutcome, IngestError>,
+) -> IngestHanaEventResult {
+    IngestHanaEventResult {
+        result: Some(match outcome {
+            Ok(outcome) => ingest_hana_event_result::Result::Stored(stored(span, outcome)),
+            Err(error) => {
+                let status = Status::from(error);
+                ingest_hana_event_result::Result::Failure(IngestFailure {
+                    code: status.code().into(),
+                    message: status.message().to_owned(),
+                })
+            }
+        }),
+    }
+}
+
 /// Records what became of an ingested event on its span.
 fn record_outcome(span: &tracing::Span, event_id: &str, duplicate: bool, quarantined: bool) {
     span.record("event_id", event_id);
@@ -218,20 +251,22 @@ impl OrchestratorService for Orchestrator {
         let results = outcomes
             .into_iter()
             .zip(&spans)
-            .map(|(outcome, span)| IngestHanaEventResult {
-                result: Some(match outcome {
-                    Ok(outcome) => ingest_hana_event_result::Result::Stored(stored(span, outcome)),
-                    Err(error) => {
-                        let status = Status::from(error);
-                        ingest_hana_event_result::Result::Failure(IngestFailure {
-                            code: status.code().into(),
-                            message: status.message().to_owned(),
-                        })
-                    }
-                }),
-            })
+            .map(|(outcome, span)| call_result(span, outcome))
             .collect();
         Ok(Response::new(IngestHanaEventsResponse { results }))
+    }
+
+    type IngestHanaStreamStream = crate::hana_stream::Answers;
+
+    async fn ingest_hana_stream(
+        &self,
+        request: Request<Streaming<IngestHanaStreamRequest>>,
+    ) -> Result<Response<Self::IngestHanaStreamStream>, Status> {
+        Ok(Response::new(crate::hana_stream::answer_calls(
+            self.ingester.clone(),
+            request.into_inner(),
+            self.streams_end.clone(),
+        )))
     }
 
     async fn ingest_pipedrive_event(
