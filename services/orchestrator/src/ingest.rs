@@ -390,7 +390,7 @@ impl Committer for PostgresCommitter {
     ) -> Result<Vec<IngestOutcome>, IngestError> {
         let mut connection = match self.connection.take() {
             Some(connection) => connection,
-            None => self.store.open_postgres_connection().await?,
+            None => open_writer_connection(&self.store).await?,
         };
         let committed = self
             .store
@@ -409,6 +409,24 @@ impl Committer for PostgresCommitter {
         }
         committed
     }
+}
+
+/// Opens the Postgres writer's connection, with sequential scans off for its session.
+///
+/// The writer finds rows only by key, and every key it looks up by has an index. But Postgres
+/// keeps a statement's generic plan from its sixth run on, and a plan made while a table is still
+/// nearly empty (a new store) scans the table: on a few pages a scan is cheapest. That plan then
+/// stays until the table is next analyzed, however large it grows. Measured on a new database
+/// in the ingest benchmark: the lead lookup scanned every lead once per group (35k rows after
+/// 35k webhooks, and growing), the writer took 430–530 µs per webhook instead of 85–100, and
+/// ingest ran at 1.9–2.9k webhooks/s instead of 9.5–11k. With scans off, the plan uses the index
+/// whatever the table's size when it is made.
+async fn open_writer_connection(store: &Store) -> Result<PgConnection, IngestError> {
+    let mut connection = store.open_postgres_connection().await?;
+    sqlx::raw_sql("SET enable_seqscan = off")
+        .execute(&mut connection)
+        .await?;
+    Ok(connection)
 }
 
 /// Commits `calls` in one transaction on `connection`.
@@ -746,7 +764,76 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
 
 #[cfg(test)]
 mod tests {
+    use sqlx::Row as _;
+
     use super::*;
+
+    /// The plan a connection caches for `statement`, which takes one `text[]`: its generic plan,
+    /// which Postgres makes at the statement's sixth run.
+    async fn cached_plan(
+        connection: &mut PgConnection,
+        name: &str,
+        statement: &str,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::raw_sql(&format!(
+            "SET plan_cache_mode = force_generic_plan; PREPARE {name}(text[]) AS {statement}"
+        ))
+        .execute(&mut *connection)
+        .await?;
+        sqlx::raw_sql(&format!("EXPLAIN EXECUTE {name}('{{a,b}}')"))
+            .fetch_all(&mut *connection)
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String, _>(0))
+            .collect()
+    }
+
+    /// Each lookup the writer makes, as `group` spells it on Postgres.
+    const WRITER_LOOKUPS: [&str; 3] = [
+        "SELECT source_key, id, body FROM leads WHERE source_key = ANY($1::text[]) FOR UPDATE",
+        "SELECT source_key, id, body FROM deals WHERE source_key = ANY($1::text[]) FOR UPDATE",
+        "SELECT dedupe_key FROM events WHERE source = 'hana' AND dedupe_key = ANY($1::text[])",
+    ];
+
+    /// On a new store, holding what its first few groups stored, the writer's lookups use their
+    /// indexes, not a scan that would then stay in the connection's plan cache while the tables
+    /// grow.
+    #[tokio::test]
+    async fn the_postgres_writer_looks_rows_up_by_index_on_a_new_store()
+    -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let database = leadrelay_testkit::TestDatabase::create("writer_plans").await?;
+        let store = Store::connect(&database.url().parse()?).await?;
+        store.migrate().await?;
+        // A few pages of leads, not yet analyzed: a scan of them is cheaper than the index.
+        sqlx::raw_sql(
+            "INSERT INTO leads (id, source_key, body, created_at, updated_at) \
+             SELECT 'lead_' || n, 'hana:3:app:' || n, '\\x00'::bytea, 0, 0 \
+             FROM generate_series(1, 300) AS n",
+        )
+        .execute(store.pool())
+        .await?;
+        let mut writer = open_writer_connection(&store).await?;
+        for (number, statement) in WRITER_LOOKUPS.into_iter().enumerate() {
+            let plan = cached_plan(&mut writer, &format!("lookup_{number}"), statement).await?;
+            assert!(
+                plan.iter().any(|step| step.contains("Index")),
+                "{statement}\nis planned as {plan:?}"
+            );
+        }
+        // The same plans on a connection with scans on (the default) scan: what the writer's
+        // setting prevents.
+        let mut plain = store.open_postgres_connection().await?;
+        let plan = cached_plan(&mut plain, "lookup", WRITER_LOOKUPS[0]).await?;
+        assert!(
+            plan.iter().any(|step| step.contains("Seq Scan")),
+            "{plan:?}"
+        );
+        writer.close().await?;
+        plain.close().await?;
+        store.close().await;
+        database.drop_database().await?;
+        Ok(())
+    }
 
     fn outcome(event_id: &str) -> IngestOutcome {
         IngestOutcome {
