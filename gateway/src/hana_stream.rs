@@ -157,10 +157,15 @@ impl HanaCalls {
             call_id,
             call: Some(call),
         };
-        // When the stream has just ended, the call stays unanswered and goes again in a batch
-        // with the others of its stream.
-        let _ = outgoing.send(request).await;
-        match tokio::time::timeout(INGEST_DEADLINE, answer).await {
+        let sent_and_answered = async {
+            // When the stream has just ended, the call stays unanswered and goes again in a
+            // batch with the others of its stream.
+            let _ = outgoing.send(request).await;
+            answer.await
+        };
+        // The deadline covers the wait to be written too: an orchestrator that stops reading
+        // fills the stream's buffer.
+        match tokio::time::timeout(INGEST_DEADLINE, sent_and_answered).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Status::unavailable("the gateway is shutting down")),
             Err(_) => {

@@ -727,6 +727,73 @@ async fn calls_an_ended_stream_left_unanswered_are_sent_again() -> TestResult {
     Ok(())
 }
 
+/// An orchestrator that takes the stream but never answers on it: each webhook is answered 503
+/// once the gateway's deadline has passed, not left waiting.
+#[tokio::test]
+async fn a_stream_that_never_answers_fails_each_webhook_at_its_deadline() -> TestResult {
+    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let opened = streams.clone();
+    // Answers the stream's headers at once, then nothing, and never reads the calls.
+    let silent = axum::Router::new().route(
+        "/leadrelay.v1.OrchestratorService/IngestHanaStream",
+        axum::routing::post(move || {
+            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                let never = tokio_stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+                axum::response::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(axum::body::Body::from_stream(never))
+                    .unwrap_or_default()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let orchestrator_addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, silent).await });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gateway_addr = gateway.local_addr()?;
+    tokio::spawn(leadrelay_gateway::serve(
+        leadrelay_gateway::GatewayConfig {
+            hana_webhook_token: OLD_TOKEN.to_owned().into(),
+            hana_webhook_token_previous: None,
+            pipedrive_webhook: None,
+            orchestrator_url: format!("http://{orchestrator_addr}").parse()?,
+        },
+        gateway,
+        shutdown.clone(),
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        if std::time::Instant::now() > deadline {
+            return Err("the gateway never opened the stream".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let started = std::time::Instant::now();
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "http://{gateway_addr}/webhooks/hana/lead.created?token={OLD_TOKEN}"
+        ))
+        .body(lead_body("silent-1", &[]))
+        // A gateway that waited for ever would hang the test.
+        .timeout(std::time::Duration::from_secs(20))
+        .send()
+        .await?;
+    let waited = started.elapsed();
+    let (status, text) = (answer.status().as_u16(), answer.text().await?);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("did not answer within 3 s"), "{text}");
+    assert!(
+        waited >= std::time::Duration::from_millis(2900),
+        "answered after {waited:?}, before the deadline"
+    );
+    shutdown.cancel();
+    Ok(())
+}
+
 async fn unusable_calls_are_refused_or_quarantined(backend: Backend) -> TestResult {
     let mut harness =
         Harness::start(backend, &[("LEADRELAY_HANA_APPLICATION_IDS", APP_ID)]).await?;
