@@ -146,7 +146,8 @@ fn remote_key(remote: leadrelay_proto::v1::RemoteKey) -> Result<EntityKey, Statu
 }
 
 /// A Hana call as ingest takes it, and the span its storing is recorded in: a child of the
-/// call's own `traceparent` when it carries one (a call from a batch), else of the RPC's span.
+/// call's own `traceparent` when it carries one (a call from a batch or a stream), else of the
+/// current span (the RPC's, for a call on its own).
 pub(crate) fn hana_call(request: IngestHanaEventRequest) -> (HanaCall, tracing::Span) {
     let body = match request.body {
         Some(ingest_hana_event_request::Body::Webhook(webhook)) => Ok(webhook),
