@@ -14,7 +14,10 @@
 //!
 //! A call the orchestrator has not answered when its stream ends (the orchestrator shut down, the
 //! connection broke) is sent again in a batch, which answers the webhook. That is safe whether or
-//! not it was stored: a stored call answers `duplicate: true` with its event id.
+//! not it was stored: a stored call answers `duplicate: true` with its event id. A call left
+//! unanswered past its webhook's deadline ends its stream too: the webhook is answered 503, and
+//! the calls after it go in batches and then on a new stream instead of waiting on a stream that
+//! may never answer.
 
 use std::{
     collections::HashMap,
@@ -80,6 +83,9 @@ struct OpenStream {
     /// Counts the streams opened: tells apart the calls of the one that ended.
     number: u64,
     outgoing: mpsc::Sender<IngestHanaStreamRequest>,
+    /// Cancelled when a call on the stream went unanswered past its deadline: the stream is then
+    /// given up for a new one.
+    given_up: CancellationToken,
 }
 
 /// A call sent on a stream and not answered yet.
@@ -169,7 +175,16 @@ impl HanaCalls {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Status::unavailable("the gateway is shutting down")),
             Err(_) => {
-                self.shared.state().unanswered.remove(&call_id);
+                let mut state = self.shared.state();
+                if let Some(unanswered) = state.unanswered.remove(&call_id)
+                    && let Some(open) = &state.open
+                    && open.number == unanswered.stream
+                {
+                    // An orchestrator that stopped answering on this stream (a stuck reader, a
+                    // connection that died without a word) would fail every later call too.
+                    open.given_up.cancel();
+                }
+                drop(state);
                 Err(Status::deadline_exceeded(format!(
                     "the orchestrator did not answer within {} s",
                     INGEST_DEADLINE.as_secs()
@@ -203,13 +218,22 @@ async fn keep_stream_open(
         let wait = match opened {
             Ok(Ok(response)) => {
                 between_tries = FIRST_BETWEEN_TRIES;
-                shared.state().open = Some(OpenStream { number, outgoing });
+                let given_up = CancellationToken::new();
+                shared.state().open = Some(OpenStream {
+                    number,
+                    outgoing,
+                    given_up: given_up.clone(),
+                });
                 tracing::debug!(
                     stream = number,
                     "Hana calls go to the orchestrator on a stream"
                 );
                 let ended = tokio::select! {
                     () = stop.cancelled() => return,
+                    () = given_up.cancelled() => Err(Status::deadline_exceeded(format!(
+                        "a call on it went unanswered for {} s",
+                        INGEST_DEADLINE.as_secs()
+                    ))),
                     ended = hand_out_answers(response.into_inner(), &shared) => ended,
                 };
                 match ended {
@@ -221,7 +245,8 @@ async fn keep_stream_open(
                     Err(status) => tracing::warn!(
                         stream = number,
                         %status,
-                        "the stream of Hana calls to the orchestrator broke; opening another"
+                        "the stream of Hana calls to the orchestrator broke or went silent; \
+                         opening another"
                     ),
                 }
                 resend_unanswered(&shared, number, &batches).await;

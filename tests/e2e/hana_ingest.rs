@@ -467,6 +467,11 @@ const OLD_TOKEN: &str = "old-token";
 
 impl OrchestratorBehindRouter {
     async fn start(refused: &[&'static str]) -> Result<Self, Error> {
+        Self::start_with(refused, axum::Router::new()).await
+    }
+
+    /// As [`Self::start`], with `routes` answering in the orchestrator's place.
+    async fn start_with(refused: &[&'static str], routes: axum::Router) -> Result<Self, Error> {
         use axum::response::IntoResponse as _;
         use leadrelay_proto::v1::orchestrator_service_server::OrchestratorServiceServer;
 
@@ -482,7 +487,7 @@ impl OrchestratorBehindRouter {
         )?
         .with_shutdown(streams_end.clone());
         let calls = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-        let mut router = axum::Router::new();
+        let mut router = routes;
         for &method in refused {
             router = router.route(
                 &format!("/leadrelay.v1.OrchestratorService/{method}"),
@@ -674,29 +679,71 @@ async fn an_orchestrator_without_the_stream_gets_every_call_in_batches() -> Test
     Ok(())
 }
 
-/// Webhooks go on the stream once it is open. When the orchestrator ends it (as it does when it
-/// shuts down) while webhooks are on their way, the calls it left unanswered are sent again in
-/// batches, and later calls go in batches until a new stream stays open: every webhook is
+/// A stream that ends with calls written onto it and never answered (the orchestrator shut down
+/// or the connection broke before it read them): each of those calls is sent again in a batch,
 /// answered 200 and stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_an_ended_stream_left_unanswered_are_sent_again() -> TestResult {
-    const LEADS: usize = 300;
-    let orchestrator = std::sync::Arc::new(OrchestratorBehindRouter::start(&[]).await?);
+    const LEADS: usize = 30;
+    let end = std::sync::Arc::new(tokio::sync::Notify::new());
+    let ending = end.clone();
+    // The stream: answered at once, its calls never read, ended when the test says so.
+    let stream = axum::Router::new().route(
+        "/leadrelay.v1.OrchestratorService/IngestHanaStream",
+        axum::routing::post(move || {
+            let end = ending.clone();
+            async move {
+                let ends = futures_util::stream::once(async move {
+                    end.notified().await;
+                    Err::<axum::body::Bytes, _>(std::io::Error::other("the stream ended"))
+                });
+                axum::response::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(axum::body::Body::from_stream(ends))
+                    .unwrap_or_default()
+            }
+        }),
+    );
+    let orchestrator =
+        std::sync::Arc::new(OrchestratorBehindRouter::start_with(&[], stream).await?);
     orchestrator.wait_for_call("IngestHanaStream").await?;
-    // The gateway takes the stream as open once the orchestrator's answer to it arrives.
+    // The gateway takes the stream as open once its answer's headers arrive.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    orchestrator.post_all(0..20, None).await?;
+    let posting = tokio::spawn({
+        let orchestrator = orchestrator.clone();
+        async move { orchestrator.post_all(0..LEADS, None).await }
+    });
+    // Every call is written onto the stream and waits; none can be answered there.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(
         orchestrator.calls("IngestHanaEvents"),
         0,
-        "calls went in batches while the stream was open"
+        "calls went in batches"
     );
+    end.notify_waiters();
+    posting.await??;
+    assert!(
+        orchestrator.calls("IngestHanaEvents") >= 1,
+        "no call was sent again"
+    );
+    orchestrator
+        .assert_stored(0..LEADS, LEADS as u64, 0)
+        .await?;
+    orchestrator.shutdown.cancel();
+    Ok(())
+}
 
-    // The stream ends while the rest are on their way; from then on every stream the
-    // orchestrator is given ends at once, with whatever calls were already written onto it unread.
+/// When the orchestrator shuts down it ends the gateway's stream, after answering every call it
+/// read, and the gateway opens another; webhooks on their way meanwhile are all answered 200 and
+/// stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orchestrator_ends_its_streams_on_shutdown_and_loses_no_call() -> TestResult {
+    const LEADS: usize = 300;
+    let orchestrator = std::sync::Arc::new(OrchestratorBehindRouter::start(&[]).await?);
+    orchestrator.wait_for_call("IngestHanaStream").await?;
     let posting = tokio::spawn({
         let orchestrator = orchestrator.clone();
-        async move { orchestrator.post_all(20..LEADS, None).await }
+        async move { orchestrator.post_all(0..LEADS, None).await }
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -706,7 +753,7 @@ async fn calls_an_ended_stream_left_unanswered_are_sent_again() -> TestResult {
             .get_stats(tonic::Request::new(GetStatsRequest {}))
             .await?
             .into_inner();
-        if stats.events_total >= 60 {
+        if stats.events_total >= 30 {
             break;
         }
         if std::time::Instant::now() > deadline {
@@ -716,10 +763,15 @@ async fn calls_an_ended_stream_left_unanswered_are_sent_again() -> TestResult {
     }
     orchestrator.streams_end.cancel();
     posting.await??;
-    assert!(
-        orchestrator.calls("IngestHanaEvents") >= 1,
-        "no call went in a batch after the stream ended"
-    );
+    // The gateway saw the stream end and opened another (which ends at once: the orchestrator
+    // is still shutting down).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while orchestrator.calls("IngestHanaStream") < 2 {
+        if std::time::Instant::now() > deadline {
+            return Err("the gateway never opened another stream".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     orchestrator
         .assert_stored(0..LEADS, LEADS as u64, 0)
         .await?;
@@ -727,8 +779,9 @@ async fn calls_an_ended_stream_left_unanswered_are_sent_again() -> TestResult {
     Ok(())
 }
 
-/// An orchestrator that takes the stream but never answers on it: each webhook is answered 503
-/// once the gateway's deadline has passed, not left waiting.
+/// An orchestrator that takes the stream but never answers on it: the webhook is answered 503
+/// once the gateway's deadline has passed, not left waiting, and the gateway gives the silent
+/// stream up for a new one.
 #[tokio::test]
 async fn a_stream_that_never_answers_fails_each_webhook_at_its_deadline() -> TestResult {
     let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -790,6 +843,13 @@ async fn a_stream_that_never_answers_fails_each_webhook_at_its_deadline() -> Tes
         waited >= std::time::Duration::from_millis(2900),
         "answered after {waited:?}, before the deadline"
     );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while streams.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        if std::time::Instant::now() > deadline {
+            return Err("the gateway kept the silent stream".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     shutdown.cancel();
     Ok(())
 }

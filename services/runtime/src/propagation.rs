@@ -103,11 +103,21 @@ pub fn link_trace(span: &Span, traceparent: &str) {
 /// A channel to a peer service that carries trace context on every call.
 pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
 
+/// How often a connection to a peer with calls in flight is pinged.
+const PEER_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long a ping may go unanswered before its connection is taken for dead.
+const PEER_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens a channel to a peer lazily: the first call connects, so services start in any order.
 pub fn connect_lazy(url: &url::Url) -> Result<TracedChannel, tonic::transport::Error> {
     let channel = Endpoint::from_shared(url.as_str().trim_end_matches('/').to_owned())?
         .connect_timeout(std::time::Duration::from_secs(3))
         .tcp_nodelay(true)
+        // A connection whose peer vanished without closing it (a node lost, a partition) is
+        // found by an unanswered ping and replaced, not used until TCP gives up (~15 min).
+        .http2_keep_alive_interval(PEER_PING_INTERVAL)
+        .keep_alive_timeout(PEER_PING_TIMEOUT)
         .connect_lazy();
     Ok(InterceptedService::new(channel, TraceContextInterceptor))
 }
