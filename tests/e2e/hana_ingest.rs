@@ -547,10 +547,19 @@ impl OrchestratorBehindRouter {
 
     /// Waits until `method` got a call.
     async fn wait_for_call(&self, method: &str) -> TestResult {
+        self.wait_for_calls(method, 1).await
+    }
+
+    /// Waits until `method` got `count` calls.
+    async fn wait_for_calls(&self, method: &str, count: usize) -> TestResult {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.calls(method) == 0 {
+        while self.calls(method) < count {
             if std::time::Instant::now() > deadline {
-                return Err(format!("the gateway never called {method}").into());
+                return Err(format!(
+                    "the gateway called {method} {} times, not {count}",
+                    self.calls(method)
+                )
+                .into());
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
@@ -765,13 +774,7 @@ async fn the_orchestrator_ends_its_streams_on_shutdown_and_loses_no_call() -> Te
     posting.await??;
     // The gateway saw the stream end and opened another (which ends at once: the orchestrator
     // is still shutting down).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while orchestrator.calls("IngestHanaStream") < 2 {
-        if std::time::Instant::now() > deadline {
-            return Err("the gateway never opened another stream".into());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    orchestrator.wait_for_calls("IngestHanaStream", 2).await?;
     orchestrator
         .assert_stored(0..LEADS, LEADS as u64, 0)
         .await?;
@@ -784,51 +787,27 @@ async fn the_orchestrator_ends_its_streams_on_shutdown_and_loses_no_call() -> Te
 /// stream up for a new one.
 #[tokio::test]
 async fn a_stream_that_never_answers_fails_each_webhook_at_its_deadline() -> TestResult {
-    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let opened = streams.clone();
     // Answers the stream's headers at once, then nothing, and never reads the calls.
     let silent = axum::Router::new().route(
         "/leadrelay.v1.OrchestratorService/IngestHanaStream",
-        axum::routing::post(move || {
-            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async {
-                let never = tokio_stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
-                axum::response::Response::builder()
-                    .header("content-type", "application/grpc")
-                    .body(axum::body::Body::from_stream(never))
-                    .unwrap_or_default()
-            }
+        axum::routing::post(|| async {
+            let never = tokio_stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+            axum::response::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(axum::body::Body::from_stream(never))
+                .unwrap_or_default()
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let orchestrator_addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, silent).await });
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let gateway_addr = gateway.local_addr()?;
-    tokio::spawn(leadrelay_gateway::serve(
-        leadrelay_gateway::GatewayConfig {
-            hana_webhook_token: OLD_TOKEN.to_owned().into(),
-            hana_webhook_token_previous: None,
-            pipedrive_webhook: None,
-            orchestrator_url: format!("http://{orchestrator_addr}").parse()?,
-        },
-        gateway,
-        shutdown.clone(),
-    ));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        if std::time::Instant::now() > deadline {
-            return Err("the gateway never opened the stream".into());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let orchestrator = OrchestratorBehindRouter::start_with(&[], silent).await?;
+    orchestrator.wait_for_call("IngestHanaStream").await?;
+    // The gateway takes the stream as open once its answer's headers arrive.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
     let started = std::time::Instant::now();
     let answer = reqwest::Client::new()
         .post(format!(
-            "http://{gateway_addr}/webhooks/hana/lead.created?token={OLD_TOKEN}"
+            "http://{}/webhooks/hana/lead.created?token={OLD_TOKEN}",
+            orchestrator.gateway
         ))
         .body(lead_body("silent-1", &[]))
         // A gateway that waited for ever would hang the test.
@@ -843,14 +822,9 @@ async fn a_stream_that_never_answers_fails_each_webhook_at_its_deadline() -> Tes
         waited >= std::time::Duration::from_millis(2900),
         "answered after {waited:?}, before the deadline"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while streams.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-        if std::time::Instant::now() > deadline {
-            return Err("the gateway kept the silent stream".into());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    shutdown.cancel();
+    // The silent stream is given up for a new one.
+    orchestrator.wait_for_calls("IngestHanaStream", 2).await?;
+    orchestrator.shutdown.cancel();
     Ok(())
 }
 
