@@ -537,6 +537,34 @@ impl OrchestratorBehindRouter {
         })
     }
 
+    /// As [`Self::start`], with an IngestHanaStream in the orchestrator's place that answers its
+    /// headers at once, never reads its calls and sends `answers()` as its answers; returns once
+    /// the gateway has the stream open.
+    async fn start_with_unread_stream<S>(
+        answers: impl Fn() -> S + Clone + Send + Sync + 'static,
+    ) -> Result<Self, Error>
+    where
+        S: futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> + Send + 'static,
+    {
+        let stream = axum::Router::new().route(
+            "/leadrelay.v1.OrchestratorService/IngestHanaStream",
+            axum::routing::post(move || {
+                let answers = answers();
+                async move {
+                    axum::response::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(axum::body::Body::from_stream(answers))
+                        .unwrap_or_default()
+                }
+            }),
+        );
+        let started = Self::start_with(&[], stream).await?;
+        started.wait_for_call("IngestHanaStream").await?;
+        // The gateway takes the stream as open once its answer's headers arrive.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        Ok(started)
+    }
+
     /// The calls `method` got so far.
     fn calls(&self, method: &str) -> usize {
         self.calls
@@ -696,28 +724,17 @@ async fn calls_an_ended_stream_left_unanswered_are_sent_again() -> TestResult {
     const LEADS: usize = 30;
     let end = std::sync::Arc::new(tokio::sync::Notify::new());
     let ending = end.clone();
-    // The stream: answered at once, its calls never read, ended when the test says so.
-    let stream = axum::Router::new().route(
-        "/leadrelay.v1.OrchestratorService/IngestHanaStream",
-        axum::routing::post(move || {
+    // The stream's answers end, with an error, when the test says so.
+    let orchestrator = std::sync::Arc::new(
+        OrchestratorBehindRouter::start_with_unread_stream(move || {
             let end = ending.clone();
-            async move {
-                let ends = futures_util::stream::once(async move {
-                    end.notified().await;
-                    Err::<axum::body::Bytes, _>(std::io::Error::other("the stream ended"))
-                });
-                axum::response::Response::builder()
-                    .header("content-type", "application/grpc")
-                    .body(axum::body::Body::from_stream(ends))
-                    .unwrap_or_default()
-            }
-        }),
+            futures_util::stream::once(async move {
+                end.notified().await;
+                Err(std::io::Error::other("the stream ended"))
+            })
+        })
+        .await?,
     );
-    let orchestrator =
-        std::sync::Arc::new(OrchestratorBehindRouter::start_with(&[], stream).await?);
-    orchestrator.wait_for_call("IngestHanaStream").await?;
-    // The gateway takes the stream as open once its answer's headers arrive.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let posting = tokio::spawn({
         let orchestrator = orchestrator.clone();
         async move { orchestrator.post_all(0..LEADS, None).await }
@@ -787,21 +804,8 @@ async fn the_orchestrator_ends_its_streams_on_shutdown_and_loses_no_call() -> Te
 /// stream up for a new one.
 #[tokio::test]
 async fn a_stream_that_never_answers_fails_each_webhook_at_its_deadline() -> TestResult {
-    // Answers the stream's headers at once, then nothing, and never reads the calls.
-    let silent = axum::Router::new().route(
-        "/leadrelay.v1.OrchestratorService/IngestHanaStream",
-        axum::routing::post(|| async {
-            let never = tokio_stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
-            axum::response::Response::builder()
-                .header("content-type", "application/grpc")
-                .body(axum::body::Body::from_stream(never))
-                .unwrap_or_default()
-        }),
-    );
-    let orchestrator = OrchestratorBehindRouter::start_with(&[], silent).await?;
-    orchestrator.wait_for_call("IngestHanaStream").await?;
-    // The gateway takes the stream as open once its answer's headers arrive.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let orchestrator =
+        OrchestratorBehindRouter::start_with_unread_stream(tokio_stream::pending).await?;
 
     let started = std::time::Instant::now();
     let answer = reqwest::Client::new()

@@ -789,9 +789,10 @@ mod tests {
     }
 
     /// Each lookup the writer makes, as `group` spells it on Postgres.
-    const WRITER_LOOKUPS: [&str; 3] = [
+    const WRITER_LOOKUPS: [&str; 4] = [
         "SELECT source_key, id, body FROM leads WHERE source_key = ANY($1::text[]) FOR UPDATE",
         "SELECT source_key, id, body FROM deals WHERE source_key = ANY($1::text[]) FOR UPDATE",
+        "SELECT source_key, id FROM leads WHERE source_key = ANY($1::text[])",
         "SELECT dedupe_key FROM events WHERE source = 'hana' AND dedupe_key = ANY($1::text[])",
     ];
 
