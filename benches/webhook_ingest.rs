@@ -12,7 +12,10 @@
 //! every target alike: compare the ratios, not the absolute figures. A second table shows each
 //! engine's ingest writer, read from the process's metrics: its serial time per webhook, its busy
 //! share, the webhooks per transaction and, on SQLite, the fsync of the write-ahead log each
-//! acknowledgement waits for.
+//! acknowledgement waits for. A third takes the mean time to acknowledge apart: the orchestrator's
+//! ingest stages (`leadrelay_ingest_call_seconds`: waiting for the writer, in the group until its
+//! commit, from the commit until the fsync made it durable) and the rest, which is HTTP, the
+//! gateway, the gRPC stream both ways and the orchestrator's reading and answering.
 
 use std::{
     collections::HashMap,
@@ -103,6 +106,24 @@ impl Measurement {
         })
     }
 
+    /// The mean time per webhook in each of the orchestrator's ingest stages, in milliseconds.
+    fn stages_ms(&self) -> StagesMs {
+        let per_call = |seconds: f64, calls: u64| match calls {
+            0 => 0.0,
+            calls => seconds * 1e3 / calls as f64,
+        };
+        StagesMs {
+            queued: per_call(self.writer.queued_seconds, self.writer.calls),
+            group: per_call(self.writer.group_seconds, self.writer.calls),
+            sync: per_call(self.writer.sync_seconds, self.writer.synced_calls),
+        }
+    }
+
+    fn mean_ms(&self) -> f64 {
+        let total: u64 = self.latencies_us.iter().map(|&us| u64::from(us)).sum();
+        total as f64 / 1000.0 / self.latencies_us.len().max(1) as f64
+    }
+
     fn percentile_ms(&self, percentile: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return f64::NAN;
@@ -110,6 +131,14 @@ impl Measurement {
         let rank = ((self.latencies_us.len() as f64 - 1.0) * percentile).round() as usize;
         f64::from(self.latencies_us[rank]) / 1000.0
     }
+}
+
+/// Mean milliseconds per webhook in the orchestrator's ingest stages (see
+/// `leadrelay_runtime::metrics::IngestStage`).
+struct StagesMs {
+    queued: f64,
+    group: f64,
+    sync: f64,
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -476,6 +505,27 @@ async fn main() -> Result<(), Error> {
             writer.writer.calls as f64 / writer.writer.groups as f64,
             sync_ms,
             per_sync
+        );
+    }
+    // The time to acknowledge, taken apart: the orchestrator's stages, from its metrics, and the
+    // rest, which is HTTP, the gateway and the gRPC stream both ways.
+    println!();
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>24}",
+        "mean ms per webhook", "ack", "queued", "in group", "to fsync", "rest: HTTP, gRPC, hops"
+    );
+    for target in others.iter() {
+        let measured = &target.measured;
+        let stages = measured.stages_ms();
+        let sync = (measured.writer.synced_calls > 0).then_some(stages.sync);
+        println!(
+            "{:<34} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>24.2}",
+            target.label,
+            measured.mean_ms(),
+            stages.queued,
+            stages.group,
+            sync.map_or_else(|| "—".to_owned(), |ms| format!("{ms:.2}")),
+            measured.mean_ms() - stages.queued - stages.group - stages.sync
         );
     }
     shutdown.cancel();

@@ -141,6 +141,13 @@ async fn the_counters_move_with_webhooks_jobs_and_crm_calls() -> TestResult {
         ),
         3.0
     );
+    // Both webhooks the token let in went through each stage of the orchestrator's ingest, the
+    // duplicate too (it is found in its group, and answered once that group is durable).
+    for stage in ["queued", "group", "sync"] {
+        let series =
+            format!(r#"leadrelay_ingest_call_seconds_count{{engine="sqlite",stage="{stage}"}}"#);
+        assert_eq!(value(&after, &series), 2.0, "{series}");
+    }
     assert_eq!(
         value(
             &after,

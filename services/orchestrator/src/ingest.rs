@@ -19,9 +19,10 @@ mod content_hash;
 mod group;
 mod sql;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use leadrelay_proto::v1::{HanaEventKind, HanaWebhook};
+use leadrelay_runtime::metrics::IngestStage;
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
@@ -150,6 +151,8 @@ pub struct Ingester {
 struct Pending {
     checked: CheckedCall,
     reply: Reply,
+    /// When it was checked and handed to the writer's queue: its wait for a group starts here.
+    queued_at: Instant,
 }
 
 /// Where a call's answer goes.
@@ -157,6 +160,13 @@ type Reply = oneshot::Sender<Result<IngestOutcome, IngestError>>;
 
 /// A committed call's answer, not yet sent.
 type Answer = (Reply, Result<IngestOutcome, IngestError>);
+
+/// A group's answers on their way to the thread that makes its commit durable.
+struct Committed {
+    /// When the group's transaction committed.
+    at: Instant,
+    answers: Vec<Answer>,
+}
 
 /// A call whose validation is already decided. Deciding it (validation, the dedupe hash) happens
 /// in the caller's task, in parallel, so the serial writer does only database work.
@@ -255,7 +265,11 @@ impl Ingester {
             for call in calls.by_ref().take(MAX_GROUP) {
                 let (reply, answer) = oneshot::channel();
                 let checked = CheckedCall::new(call, &self.policy);
-                batch.push(Pending { checked, reply });
+                batch.push(Pending {
+                    checked,
+                    reply,
+                    queued_at: Instant::now(),
+                });
                 answers.push(answer);
             }
             batches.push(batch);
@@ -304,9 +318,9 @@ trait Committer {
         calls: &[&CheckedCall],
     ) -> Result<Vec<IngestOutcome>, IngestError>;
 
-    /// Sends committed calls their answers once their commit is durable. The default is for a
-    /// committer whose commit returns only once it is durable.
-    fn acknowledge(&mut self, answers: Vec<Answer>) {
+    /// Sends committed calls their answers once their commit, made at `_committed_at`, is
+    /// durable. The default is for a committer whose commit returns only once it is durable.
+    fn acknowledge(&mut self, answers: Vec<Answer>, _committed_at: Instant) {
         for (reply, outcome) in answers {
             let _ = reply.send(outcome);
         }
@@ -454,7 +468,7 @@ const SQLITE_STATEMENT_CACHE: usize = 128;
 /// makes them durable.
 struct SqliteCommitter {
     connection: rusqlite::Connection,
-    durable: std::sync::mpsc::Sender<Vec<Answer>>,
+    durable: std::sync::mpsc::Sender<Committed>,
     checkpoints: checkpoint::Checkpoints,
 }
 
@@ -503,10 +517,13 @@ impl Committer for SqliteCommitter {
         committed
     }
 
-    fn acknowledge(&mut self, answers: Vec<Answer>) {
+    fn acknowledge(&mut self, answers: Vec<Answer>, committed_at: Instant) {
         // When the sync thread has stopped (an fsync failed), the replies are dropped with the
         // message and every caller hears that nothing was acknowledged.
-        let _ = self.durable.send(answers);
+        let _ = self.durable.send(Committed {
+            at: committed_at,
+            answers,
+        });
         // After the answers are on their way: a checkpoint the writer has to run itself delays
         // the next group, not this one.
         self.checkpoints.after_commit(&self.connection);
@@ -542,17 +559,20 @@ impl WriteAheadLog {
     /// so a later success proves nothing: the thread answers the calls it holds with the error
     /// and stops, and every later call is refused until the orchestrator restarts and SQLite
     /// recovers from what is really on disk.
-    fn sync_then_answer(&self, committed: &std::sync::mpsc::Receiver<Vec<Answer>>) {
+    fn sync_then_answer(&self, committed: &std::sync::mpsc::Receiver<Committed>) {
         let mut folder_synced = false;
         while let Ok(first) = committed.recv() {
-            let mut answers = first;
-            for more in committed.try_iter() {
-                answers.extend(more);
-            }
-            let sync_started = std::time::Instant::now();
+            let mut groups = vec![first];
+            groups.extend(committed.try_iter());
+            let sync_started = Instant::now();
             let synced = self.sync(&mut folder_synced);
-            leadrelay_runtime::metrics::metrics()
-                .ingest_log_synced(Backend::Sqlite.name(), sync_started.elapsed());
+            let synced_at = Instant::now();
+            // Each group's time from its commit until durable, counted once its calls are answered.
+            let waits: Vec<(Duration, usize)> = groups
+                .iter()
+                .map(|group| (synced_at - group.at, group.answers.len()))
+                .collect();
+            let answers = groups.into_iter().flat_map(|group| group.answers);
             if let Err(error) = &synced {
                 tracing::error!(
                     wal = %self.path.display(),
@@ -570,9 +590,19 @@ impl WriteAheadLog {
                 };
                 let _ = reply.send(outcome);
             }
+            let metrics = leadrelay_runtime::metrics::metrics();
+            let engine = Backend::Sqlite.name();
+            metrics.ingest_log_synced(engine, synced_at - sync_started);
             if synced.is_err() {
                 return;
             }
+            metrics.ingest_calls(
+                engine,
+                IngestStage::Sync,
+                waits
+                    .into_iter()
+                    .flat_map(|(wait, calls)| std::iter::repeat_n(wait, calls)),
+            );
         }
     }
 
@@ -623,7 +653,11 @@ async fn write_groups(
             }
         }
         // The writer's time from here to the answers' hand-off is serial: every other call waits.
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        let queued: Vec<Duration> = group
+            .iter()
+            .map(|pending| started.saturating_duration_since(pending.queued_at))
+            .collect();
         let group_calls = group.len();
         let calls: Vec<&CheckedCall> = group.iter().map(|pending| &pending.checked).collect();
         let answers: Vec<Answer> = match committer.commit(&calls).await {
@@ -659,8 +693,16 @@ async fn write_groups(
                 answers
             }
         };
-        committer.acknowledge(answers);
-        leadrelay_runtime::metrics::metrics().ingest_group(engine, group_calls, started.elapsed());
+        let committed_at = Instant::now();
+        committer.acknowledge(answers, committed_at);
+        let metrics = leadrelay_runtime::metrics::metrics();
+        metrics.ingest_group(engine, group_calls, started.elapsed());
+        metrics.ingest_calls(engine, IngestStage::Queued, queued);
+        metrics.ingest_calls(
+            engine,
+            IngestStage::Group,
+            std::iter::repeat_n(committed_at - started, group_calls),
+        );
     }
 }
 
@@ -873,6 +915,7 @@ mod tests {
                     &IngestPolicy::default(),
                 ),
                 reply: oneshot::channel().0,
+                queued_at: Instant::now(),
             })
             .collect()
     }
@@ -906,7 +949,10 @@ mod tests {
         });
         let (reply, answer) = oneshot::channel();
         durable
-            .send(vec![(reply, Ok(outcome("evt_1")))])
+            .send(Committed {
+                at: Instant::now(),
+                answers: vec![(reply, Ok(outcome("evt_1")))],
+            })
             .expect("the sync thread runs");
         assert_eq!(
             answer.blocking_recv().expect("an answer").expect("synced"),
@@ -925,7 +971,10 @@ mod tests {
         let syncer = std::thread::spawn(move || log.sync_then_answer(&committed));
         let (reply, answer) = oneshot::channel();
         durable
-            .send(vec![(reply, Ok(outcome("evt_1")))])
+            .send(Committed {
+                at: Instant::now(),
+                answers: vec![(reply, Ok(outcome("evt_1")))],
+            })
             .expect("the sync thread runs");
         let error = answer
             .blocking_recv()
@@ -939,7 +988,11 @@ mod tests {
             .join()
             .expect("the sync thread stops after a failure");
         let (reply, later) = oneshot::channel();
-        assert!(durable.send(vec![(reply, Ok(outcome("evt_2")))]).is_err());
+        let later_group = Committed {
+            at: Instant::now(),
+            answers: vec![(reply, Ok(outcome("evt_2")))],
+        };
+        assert!(durable.send(later_group).is_err());
         assert!(
             later.blocking_recv().is_err(),
             "a later call is never acknowledged"

@@ -113,16 +113,26 @@ async fn calls_sharing_a_group(store: Store) -> TestResult {
         after.busy_seconds > before.busy_seconds,
         "{before:?} → {after:?}"
     );
-    // SQLite acknowledges after an fsync of its write-ahead log, which is timed; Postgres
-    // flushes inside its commit and has none.
+    // Each call's time in its group is timed, and its wait in the queue (which may round to
+    // nothing when the writer was idle).
+    assert!(
+        after.group_seconds > before.group_seconds && after.queued_seconds >= before.queued_seconds,
+        "{before:?} → {after:?}"
+    );
+    // SQLite acknowledges after an fsync of its write-ahead log, which is timed, and so is each
+    // call's time from its commit until then; Postgres flushes inside its commit and has none.
     let syncs = after.log_syncs - before.log_syncs;
+    let synced_calls = after.synced_calls - before.synced_calls;
     match store.backend() {
         Backend::Sqlite => assert!(
-            syncs >= 1 && after.log_sync_seconds > before.log_sync_seconds,
+            syncs >= 1
+                && after.log_sync_seconds > before.log_sync_seconds
+                && synced_calls >= 6
+                && after.sync_seconds > before.sync_seconds,
             "{before:?} → {after:?}"
         ),
         Backend::Postgres => {
-            assert_eq!(syncs, 0, "{before:?} → {after:?}");
+            assert_eq!((syncs, synced_calls), (0, 0), "{before:?} → {after:?}");
         }
     }
     Ok(())

@@ -17,6 +17,7 @@
 //! | `leadrelay_ingest_group_calls_total` | counter | `engine` |
 //! | `leadrelay_ingest_writer_busy_seconds_total` | counter | `engine` |
 //! | `leadrelay_ingest_log_sync_seconds` | histogram | `engine` (sqlite) |
+//! | `leadrelay_ingest_call_seconds` | histogram, one sample per webhook call and stage | `engine`, `stage` (queued, group, sync) |
 
 use std::{
     future::Future,
@@ -62,13 +63,41 @@ pub struct Metrics {
     /// The same fsyncs' count and time, for [`Metrics::ingest_writer_totals`]: a histogram's own
     /// count and sum are readable only in its crate's tests. Not registered (the histogram
     /// exports them).
-    ingest_log_sync_totals: Family<Labels, LogSyncTotals>,
+    ingest_log_sync_totals: Family<Labels, TimeTotals>,
+    ingest_call_time: HistogramFamily,
+    /// The same samples' count and time, for [`Metrics::ingest_writer_totals`]. Not registered.
+    ingest_call_totals: Family<Labels, TimeTotals>,
 }
 
-/// fsyncs of the write-ahead log on one engine, and their time.
+/// A stage of a Hana webhook call's way through the orchestrator's ingest, one after the other:
+/// together they are the orchestrator's share of the time to acknowledge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngestStage {
+    /// In the writer's queue, until a group takes the call: long while the writer is busy.
+    Queued,
+    /// In its group, from the group's start until its transaction committed: the group's size
+    /// times the writer's time per call.
+    Group,
+    /// From the commit until it is durable: waiting for the fsync of SQLite's write-ahead log
+    /// under way, then one's own. Postgres flushes inside its commit and has no such stage.
+    Sync,
+}
+
+impl IngestStage {
+    /// The stage's `stage` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Group => "group",
+            Self::Sync => "sync",
+        }
+    }
+}
+
+/// The count and sum of a histogram's samples, which its own crate lets only its tests read.
 #[derive(Debug, Default)]
-struct LogSyncTotals {
-    syncs: Counter,
+struct TimeTotals {
+    count: Counter,
     seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -92,6 +121,15 @@ pub struct IngestWriterTotals {
     pub log_syncs: u64,
     /// Time those fsyncs took.
     pub log_sync_seconds: f64,
+    /// The time the calls spent in each stage ([`IngestStage`]), summed over the calls: divided
+    /// by `calls` (by `synced_calls` for [`IngestStage::Sync`]), the mean per call.
+    pub queued_seconds: f64,
+    /// See `queued_seconds`.
+    pub group_seconds: f64,
+    /// See `queued_seconds`.
+    pub sync_seconds: f64,
+    /// Calls made durable by an fsync after their commit (SQLite).
+    pub synced_calls: u64,
 }
 
 impl std::ops::Sub for IngestWriterTotals {
@@ -105,6 +143,10 @@ impl std::ops::Sub for IngestWriterTotals {
             busy_seconds: self.busy_seconds - earlier.busy_seconds,
             log_syncs: self.log_syncs - earlier.log_syncs,
             log_sync_seconds: self.log_sync_seconds - earlier.log_sync_seconds,
+            queued_seconds: self.queued_seconds - earlier.queued_seconds,
+            group_seconds: self.group_seconds - earlier.group_seconds,
+            sync_seconds: self.sync_seconds - earlier.sync_seconds,
+            synced_calls: self.synced_calls - earlier.synced_calls,
         }
     }
 }
@@ -116,6 +158,10 @@ impl std::ops::AddAssign for IngestWriterTotals {
         self.busy_seconds += more.busy_seconds;
         self.log_syncs += more.log_syncs;
         self.log_sync_seconds += more.log_sync_seconds;
+        self.queued_seconds += more.queued_seconds;
+        self.group_seconds += more.group_seconds;
+        self.sync_seconds += more.sync_seconds;
+        self.synced_calls += more.synced_calls;
     }
 }
 
@@ -240,6 +286,13 @@ impl Metrics {
             "Time of one fsync of the SQLite write-ahead log, which every webhook acknowledgement waits for: the disk's share of the time to acknowledge",
             ingest_log_sync.clone(),
         );
+        let ingest_call_time =
+            HistogramFamily::new_with_constructor(sync_buckets as fn() -> Histogram);
+        registry.register(
+            "ingest_call_seconds",
+            "Time a Hana webhook call spent in each stage of the orchestrator's ingest, one after the other: queued (waiting for the writer), group (in its transaction until the commit) and, on SQLite, sync (from the commit until the write-ahead log's fsync made it durable)",
+            ingest_call_time.clone(),
+        );
         Self {
             registry,
             refreshers: Mutex::new(Vec::new()),
@@ -258,6 +311,8 @@ impl Metrics {
             ingest_writer_busy,
             ingest_log_sync,
             ingest_log_sync_totals: Family::default(),
+            ingest_call_time,
+            ingest_call_totals: Family::default(),
         }
     }
 
@@ -280,8 +335,25 @@ impl Metrics {
             .get_or_create(&engine)
             .observe(elapsed.as_secs_f64());
         let totals = self.ingest_log_sync_totals.get_or_create(&engine);
-        totals.syncs.inc();
+        totals.count.inc();
         totals.seconds.inc_by(elapsed.as_secs_f64());
+    }
+
+    /// Calls of the ingest writer on `engine` spent `times` in `stage`, one per call.
+    pub fn ingest_calls(
+        &self,
+        engine: &str,
+        stage: IngestStage,
+        times: impl IntoIterator<Item = Duration>,
+    ) {
+        let labels = labels(&[("engine", engine), ("stage", stage.label())]);
+        let histogram = self.ingest_call_time.get_or_create(&labels);
+        let totals = self.ingest_call_totals.get_or_create(&labels);
+        for time in times {
+            histogram.observe(time.as_secs_f64());
+            totals.count.inc();
+            totals.seconds.inc_by(time.as_secs_f64());
+        }
     }
 
     /// A webhook from `source` answered with `outcome` after `elapsed`.
@@ -349,6 +421,14 @@ impl Metrics {
 
     /// What the ingest writer on `engine` has done since the process started.
     pub fn ingest_writer_totals(&self, engine: &str) -> IngestWriterTotals {
+        let stage = |stage: IngestStage| {
+            self.ingest_call_totals
+                .get(&labels(&[("engine", engine), ("stage", stage.label())]))
+                .map_or((0, 0.0), |totals| {
+                    (totals.count.get(), totals.seconds.get())
+                })
+        };
+        let (synced_calls, sync_seconds) = stage(IngestStage::Sync);
         let engine = labels(&[("engine", engine)]);
         let log_syncs = self.ingest_log_sync_totals.get(&engine);
         IngestWriterTotals {
@@ -364,10 +444,14 @@ impl Metrics {
                 .ingest_writer_busy
                 .get(&engine)
                 .map_or(0.0, |busy| busy.get()),
-            log_syncs: log_syncs.as_ref().map_or(0, |totals| totals.syncs.get()),
+            log_syncs: log_syncs.as_ref().map_or(0, |totals| totals.count.get()),
             log_sync_seconds: log_syncs
                 .as_ref()
                 .map_or(0.0, |totals| totals.seconds.get()),
+            queued_seconds: stage(IngestStage::Queued).1,
+            group_seconds: stage(IngestStage::Group).1,
+            sync_seconds,
+            synced_calls,
         }
     }
 
@@ -450,6 +534,13 @@ mod tests {
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
+        metrics.ingest_calls(
+            "sqlite",
+            IngestStage::Queued,
+            [Duration::from_micros(300), Duration::from_micros(900)],
+        );
+        metrics.ingest_calls("sqlite", IngestStage::Group, [Duration::from_millis(1); 2]);
+        metrics.ingest_calls("sqlite", IngestStage::Sync, [Duration::from_micros(700)]);
         let text = metrics.render().await;
         for sample in [
             r#"leadrelay_webhooks_total{source="hana",outcome="accepted"} 1"#,
@@ -465,6 +556,10 @@ mod tests {
             r#"leadrelay_ingest_writer_busy_seconds_total{engine="sqlite"} 0.25"#,
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0004",engine="sqlite"} 0"#,
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0008",engine="sqlite"} 1"#,
+            r#"leadrelay_ingest_call_seconds_bucket{le="0.0004",engine="sqlite",stage="queued"} 1"#,
+            r#"leadrelay_ingest_call_seconds_bucket{le="0.0016",engine="sqlite",stage="queued"} 2"#,
+            r#"leadrelay_ingest_call_seconds_count{engine="sqlite",stage="group"} 2"#,
+            r#"leadrelay_ingest_call_seconds_bucket{le="0.0008",engine="sqlite",stage="sync"} 1"#,
         ] {
             assert!(text.contains(sample), "{sample} not in:\n{text}");
         }
@@ -476,6 +571,10 @@ mod tests {
                 busy_seconds: 0.25,
                 log_syncs: 1,
                 log_sync_seconds: 0.0005,
+                queued_seconds: 0.0012,
+                group_seconds: 0.002,
+                sync_seconds: 0.0007,
+                synced_calls: 1,
             }
         );
         assert_eq!(
@@ -485,11 +584,14 @@ mod tests {
         let before = metrics.ingest_writer_totals("sqlite");
         metrics.ingest_group("sqlite", 5, Duration::from_millis(50));
         metrics.ingest_log_synced("sqlite", Duration::from_millis(2));
+        metrics.ingest_calls("sqlite", IngestStage::Sync, [Duration::from_millis(3); 5]);
         let mut spent = IngestWriterTotals::default();
         spent += metrics.ingest_writer_totals("sqlite") - before;
         assert_eq!((spent.groups, spent.calls, spent.log_syncs), (1, 5, 1));
         assert!((spent.busy_seconds - 0.05).abs() < 1e-9, "{spent:?}");
         assert!((spent.log_sync_seconds - 0.002).abs() < 1e-9, "{spent:?}");
+        assert_eq!(spent.synced_calls, 5);
+        assert!((spent.sync_seconds - 0.015).abs() < 1e-9, "{spent:?}");
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -505,6 +607,7 @@ mod tests {
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
+        metrics.ingest_calls("sqlite", IngestStage::Queued, [Duration::from_micros(300)]);
         let exist = sample_names(&metrics.render().await);
 
         let path = concat!(
