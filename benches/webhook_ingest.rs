@@ -516,16 +516,17 @@ async fn main() -> Result<(), Error> {
     );
     for target in others.iter() {
         let measured = &target.measured;
+        let ack = measured.mean_ms();
         let stages = measured.stages_ms();
         let sync = (measured.writer.synced_calls > 0).then_some(stages.sync);
         println!(
             "{:<34} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>24.2}",
             target.label,
-            measured.mean_ms(),
+            ack,
             stages.queued,
             stages.group,
             sync.map_or_else(|| "—".to_owned(), |ms| format!("{ms:.2}")),
-            measured.mean_ms() - stages.queued - stages.group - stages.sync
+            ack - stages.queued - stages.group - stages.sync
         );
     }
     shutdown.cancel();

@@ -101,6 +101,14 @@ struct TimeTotals {
     seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
+impl TimeTotals {
+    /// Counts one sample that took `time`.
+    fn add(&self, time: Duration) {
+        self.count.inc();
+        self.seconds.inc_by(time.as_secs_f64());
+    }
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
@@ -335,8 +343,7 @@ impl Metrics {
             .get_or_create(&engine)
             .observe(elapsed.as_secs_f64());
         let totals = self.ingest_log_sync_totals.get_or_create(&engine);
-        totals.count.inc();
-        totals.seconds.inc_by(elapsed.as_secs_f64());
+        totals.add(elapsed);
     }
 
     /// Calls of the ingest writer on `engine` spent `times` in `stage`, one per call.
@@ -351,8 +358,7 @@ impl Metrics {
         let totals = self.ingest_call_totals.get_or_create(&labels);
         for time in times {
             histogram.observe(time.as_secs_f64());
-            totals.count.inc();
-            totals.seconds.inc_by(time.as_secs_f64());
+            totals.add(time);
         }
     }
 
