@@ -453,12 +453,51 @@ pub async fn list_quarantined(
 
 /// Jobs by target and state, every state: for [`stats`], read on request.
 pub async fn job_counts(pool: &AnyPool) -> Result<Vec<JobCount>, StoreError> {
-    counted_jobs(
-        pool,
-        "SELECT target, state, COUNT(*) AS n FROM jobs GROUP BY target, state ORDER BY target, state",
-    )
-    .await
+    let rows = sqlx::query(JOB_COUNTS).fetch_all(pool).await?;
+    let count = |value: i64| u64::try_from(value).unwrap_or_default();
+    let mut counts = Vec::new();
+    for row in &rows {
+        let target = system_from_name(row.try_get::<String, _>("target")?.as_str());
+        let mut counted = 0;
+        for state in COUNTED_STATES {
+            let jobs: i64 = row.try_get(state)?;
+            counted += jobs;
+            if jobs > 0 {
+                counts.push(JobCount {
+                    target: target.into(),
+                    state: job_state(state).into(),
+                    count: count(jobs),
+                });
+            }
+        }
+        // Jobs in a state this version does not know (written by a newer one) still count.
+        let unknown = row.try_get::<i64, _>("total")? - counted;
+        if unknown > 0 {
+            counts.push(JobCount {
+                target: target.into(),
+                state: JobState::Unspecified.into(),
+                count: count(unknown),
+            });
+        }
+    }
+    Ok(counts)
 }
+
+/// The states [`JOB_COUNTS`] counts, in the order [`job_counts`] lists them.
+const COUNTED_STATES: [&str; 5] = ["coalesced", "dead", "done", "pending", "running"];
+
+/// The statement of [`job_counts`]: a row per target with a count per state, in one pass over
+/// `jobs_by_entity`, which starts with the target. Grouped by target and state, every job went
+/// through a sort first (540 ms at two million jobs on SQLite, against 185 ms). Public so that a
+/// test can check its plan.
+#[doc(hidden)]
+pub const JOB_COUNTS: &str = "SELECT target, COUNT(*) AS total, \
+     COUNT(*) FILTER (WHERE state = 'coalesced') AS coalesced, \
+     COUNT(*) FILTER (WHERE state = 'dead') AS dead, \
+     COUNT(*) FILTER (WHERE state = 'done') AS done, \
+     COUNT(*) FILTER (WHERE state = 'pending') AS pending, \
+     COUNT(*) FILTER (WHERE state = 'running') AS running \
+     FROM jobs GROUP BY target ORDER BY target";
 
 /// Jobs by target and state for the jobs still outstanding: pending, running, and dead (waiting
 /// for an operator). The metrics read this at every scrape, so it must not cost more the longer
@@ -505,14 +544,26 @@ pub struct Stats {
     pub oldest_pending_ms: Option<i64>,
 }
 
-/// Reads the counters.
+/// Counts the events [`stats`] reports: through an index, without reading their rows, which
+/// hold the bodies. Public so that a test can check its plan.
+#[doc(hidden)]
+pub const EVENT_COUNT: &str = "SELECT COUNT(*) FROM events";
+
+/// Sums the redeliveries [`stats`] reports, through `events_redelivered`, which holds only the
+/// events redelivered at least once: summed over every event, this read each event's whole row,
+/// body included (470 ms at a million events against 0.5 ms). The condition repeats the index's:
+/// SQLite uses a partial index only then. Public so that a test can check its plan.
+#[doc(hidden)]
+pub const DUPLICATE_COUNT: &str = "SELECT CAST(COALESCE(SUM(duplicate_count), 0) AS BIGINT) \
+     FROM events WHERE duplicate_count > 0";
+
+/// Reads the counters. The events and the jobs are counted in indexes, without reading their
+/// rows (only the pending jobs' are read, for the oldest): at a million events and two million
+/// jobs on SQLite the whole read took 0.2 s, against 1.0–1.1 s when it read every row.
 pub async fn stats(pool: &AnyPool) -> Result<Stats, StoreError> {
     let count = |value: i64| u64::try_from(value).unwrap_or_default();
-    let (events, duplicates): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), CAST(COALESCE(SUM(duplicate_count), 0) AS BIGINT) FROM events",
-    )
-    .fetch_one(pool)
-    .await?;
+    let events: i64 = sqlx::query_scalar(EVENT_COUNT).fetch_one(pool).await?;
+    let duplicates: i64 = sqlx::query_scalar(DUPLICATE_COUNT).fetch_one(pool).await?;
     let quarantined: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quarantine")
         .fetch_one(pool)
         .await?;

@@ -558,7 +558,7 @@ mod tests {
             .execute(store.pool())
             .await?;
         }
-        assert_eq!(store.migrate().await?.applied, 1);
+        assert_eq!(store.migrate().await?.applied, 2);
         let applications: Vec<String> = sqlx::query_scalar(
             "SELECT application_id FROM hana_applications ORDER BY application_id",
         )

@@ -26,15 +26,15 @@ async fn migrates_once(store: &Store) -> TestResult {
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
-            applied: 4,
-            version: 4
+            applied: 5,
+            version: 5
         }
     );
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
             applied: 0,
-            version: 4
+            version: 5
         }
     );
     Ok(())
