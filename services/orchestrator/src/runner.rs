@@ -259,7 +259,7 @@ impl JobRunner {
     async fn claim(&self, target: System, limit: usize) -> Result<Vec<Claimed>, StoreError> {
         let now = now_ms();
         let pool = self.store.pool();
-        let sql = format!(
+        let query = sqlx::query(
             "SELECT seq, id, event_id, target, operation, entity_id, attempts, trace_context FROM jobs j \
              WHERE j.state = 'pending' AND j.next_attempt_at <= $1 AND j.target = $2 \
              AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.target = j.target AND k.entity_id = j.entity_id \
@@ -267,9 +267,11 @@ impl JobRunner {
              AND NOT EXISTS (SELECT 1 FROM deals d JOIN jobs c ON c.entity_id = d.contact_lead_id \
                              WHERE j.entity_type = 'deal' AND d.id = j.entity_id AND c.target = j.target \
                              AND c.seq < j.seq AND c.state IN ('pending', 'running')) \
-             ORDER BY j.seq LIMIT {limit}"
-        );
-        let query = sqlx::query(&sql).bind(now).bind(system_name(target));
+             ORDER BY j.seq LIMIT $3",
+        )
+        .bind(now)
+        .bind(system_name(target))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         let rows = query.fetch_all(pool).await?;
         let mut claimed = Vec::new();
         if rows.is_empty() {
@@ -763,6 +765,64 @@ mod tests {
         .bind(now)
         .execute(store.pool())
         .await?;
+        Ok(())
+    }
+
+    type BoxedError = Box<dyn std::error::Error + Send + Sync>;
+
+    /// A claim takes no more jobs than the room it is given, the oldest first: `job_1` and four
+    /// more pending jobs of other leads, all due, claimed 3 and then 8 at a time.
+    async fn claims_take_at_most_the_room(store: &Store) -> Result<(), BoxedError> {
+        add_a_job(store).await?;
+        let now = now_ms();
+        for number in 2..=5 {
+            sqlx::query(
+                "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, \
+                 next_attempt_at, created_at, updated_at, state, attempts, last_error) \
+                 VALUES ($1, 'evt_1', 'pipedrive', 'upsert_lead', 'lead', $2, $3, $3, $3, 'pending', 0, '')",
+            )
+            .bind(format!("job_{number}"))
+            .bind(format!("lead_{number}"))
+            .bind(now)
+            .execute(store.pool())
+            .await?;
+        }
+        let runner = JobRunner::new(
+            store.clone(),
+            &[(System::Pipedrive, "http://127.0.0.1:9".parse()?)],
+        )?;
+        let ids = |claimed: Vec<Claimed>| -> Vec<String> {
+            claimed.into_iter().map(|job| job.id).collect()
+        };
+        assert_eq!(
+            ids(runner.claim(System::Pipedrive, 3).await?),
+            ["job_1", "job_2", "job_3"]
+        );
+        assert_eq!(
+            ids(runner.claim(System::Pipedrive, 8).await?),
+            ["job_4", "job_5"]
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn sqlite_claims_take_at_most_the_room() -> Result<(), BoxedError> {
+        let folder = tempfile::tempdir()?;
+        let url: leadrelay_runtime::config::DatabaseUrl =
+            format!("sqlite://{}/runner.db", folder.path().display()).parse()?;
+        let store = Store::connect(&url).await?;
+        claims_take_at_most_the_room(&store).await?;
+        store.close().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn postgres_claims_take_at_most_the_room() -> Result<(), BoxedError> {
+        let database = leadrelay_testkit::TestDatabase::create("claim_room").await?;
+        let store = Store::connect(&database.url().parse()?).await?;
+        claims_take_at_most_the_room(&store).await?;
+        store.close().await;
+        database.drop_database().await?;
         Ok(())
     }
 
