@@ -443,6 +443,8 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use leadrelay_testkit::query_plan;
+
     use super::*;
 
     type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -462,26 +464,6 @@ mod tests {
         crate::salesman_poller::LEAD_BY_SALESMAN_ID,
     ];
 
-    /// The plan of `query` (with every parameter bound to a text), one line per step; the
-    /// column holding the step's text is `column`.
-    async fn plan(
-        connection: &mut sqlx::AnyConnection,
-        query: &str,
-        column: usize,
-    ) -> Result<Vec<String>, sqlx::Error> {
-        let text = format!("EXPLAIN {query}");
-        let mut explain = sqlx::query(&text);
-        for _ in 0..query.matches('$').count() {
-            explain = explain.bind("x");
-        }
-        explain
-            .fetch_all(&mut *connection)
-            .await?
-            .iter()
-            .map(|row| sqlx::Row::try_get::<String, _>(row, column))
-            .collect()
-    }
-
     /// Hana records left the link index (migration 0004), so it is partial, and SQLite uses a
     /// partial index only for a query that repeats its condition: one that forgot it would scan
     /// every link.
@@ -492,8 +474,7 @@ mod tests {
         store.migrate().await?;
         let mut connection = store.pool().acquire().await?;
         for query in LOOKUPS_BY_REMOTE_ID {
-            // `QUERY PLAN` rows are (id, parent, notused, detail).
-            let plan = plan(&mut connection, &format!("QUERY PLAN {query}"), 3).await?;
+            let plan = query_plan(&mut connection, query).await?;
             assert!(
                 plan.iter().any(|step| step.contains("links_by_remote")),
                 "{query}\nis planned as {plan:?}"
@@ -504,20 +485,16 @@ mod tests {
         Ok(())
     }
 
-    /// Postgres proves more than SQLite does, but the queries must hold there too. Scans are
-    /// switched off: on an empty table a scan is always cheapest, and a plan that cannot use the
-    /// index then still shows one.
+    /// Postgres proves more than SQLite does, but the queries must hold there too (planned with
+    /// scans off, see [`query_plan`]).
     #[tokio::test]
     async fn every_lookup_by_remote_id_uses_the_link_index_on_postgres() -> TestResult {
         let database = leadrelay_testkit::TestDatabase::create("link_index").await?;
         let store = Store::connect(&database.url().parse()?).await?;
         store.migrate().await?;
         let mut connection = store.pool().acquire().await?;
-        sqlx::query("SET enable_seqscan = off")
-            .execute(&mut *connection)
-            .await?;
         for query in LOOKUPS_BY_REMOTE_ID {
-            let plan = plan(&mut connection, query, 0).await?;
+            let plan = query_plan(&mut connection, query).await?;
             assert!(
                 plan.iter().any(|step| step.contains("links_by_remote")),
                 "{query}\nis planned as {plan:?}"

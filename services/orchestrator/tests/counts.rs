@@ -5,8 +5,7 @@
 use leadrelay_orchestrator::{Store, queries};
 use leadrelay_proto::v1::{JobCount, JobState, System};
 use leadrelay_runtime::config::DatabaseUrl;
-use leadrelay_testkit::TestDatabase;
-use sqlx::Row as _;
+use leadrelay_testkit::{TestDatabase, query_plan};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -110,28 +109,10 @@ async fn counts_are_right(store: &Store) -> TestResult {
     Ok(())
 }
 
-/// The steps of `query`'s plan: on SQLite the details of `EXPLAIN QUERY PLAN` (its rows are
-/// id, parent, notused, detail), on Postgres the lines of `EXPLAIN`, with scans switched off: on
-/// a nearly empty table a scan is always cheapest, and a plan that cannot use the index then
-/// still shows one.
+/// `query`'s plan, see [`query_plan`].
 async fn plan(store: &Store, query: &str) -> TestResult<Vec<String>> {
     let mut connection = store.pool().acquire().await?;
-    let (explain, column) = match store.backend() {
-        leadrelay_orchestrator::store::Backend::Sqlite => ("EXPLAIN QUERY PLAN", 3),
-        leadrelay_orchestrator::store::Backend::Postgres => {
-            sqlx::query("SET enable_seqscan = off")
-                .execute(&mut *connection)
-                .await?;
-            ("EXPLAIN", 0)
-        }
-    };
-    let rows = sqlx::query(&format!("{explain} {query}"))
-        .fetch_all(&mut *connection)
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|row| row.try_get::<String, _>(column))
-        .collect::<Result<_, _>>()?)
+    Ok(query_plan(&mut connection, query).await?)
 }
 
 /// On either engine, the redeliveries are summed over the events redelivered only.

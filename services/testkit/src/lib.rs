@@ -86,3 +86,32 @@ impl TestDatabase {
         Ok(())
     }
 }
+
+/// The steps of `query`'s plan, one line each, as the engine behind `connection` describes them:
+/// on SQLite the details of `EXPLAIN QUERY PLAN`, on Postgres the lines of `EXPLAIN`, planned with
+/// sequential scans switched off for the connection (on a nearly empty table a scan is always
+/// cheapest, and a plan that cannot use an index would then still show one). Every parameter
+/// (`$n`) is bound to a text.
+pub async fn query_plan(
+    connection: &mut sqlx::AnyConnection,
+    query: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    // `EXPLAIN QUERY PLAN` rows are (id, parent, notused, detail).
+    let (explain, column) = if connection.backend_name() == "SQLite" {
+        ("EXPLAIN QUERY PLAN", 3)
+    } else {
+        connection.execute("SET enable_seqscan = off").await?;
+        ("EXPLAIN", 0)
+    };
+    let text = format!("{explain} {query}");
+    let mut statement = sqlx::query(&text);
+    for _ in 0..query.matches('$').count() {
+        statement = statement.bind("x");
+    }
+    statement
+        .fetch_all(&mut *connection)
+        .await?
+        .iter()
+        .map(|row| sqlx::Row::try_get::<String, _>(row, column))
+        .collect()
+}
