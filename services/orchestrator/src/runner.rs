@@ -757,11 +757,23 @@ mod tests {
         .bind(now)
         .execute(store.pool())
         .await?;
+        add_pending_job(store, "job_1", "lead_1", now).await
+    }
+
+    /// Adds a pending Pipedrive job `id` of `evt_1` for the lead `lead_id`, due at `now`.
+    async fn add_pending_job(
+        store: &Store,
+        id: &str,
+        lead_id: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, \
              next_attempt_at, created_at, updated_at, state, attempts, last_error) \
-             VALUES ('job_1', 'evt_1', 'pipedrive', 'upsert_lead', 'lead', 'lead_1', $1, $1, $1, 'pending', 0, '')",
+             VALUES ($1, 'evt_1', 'pipedrive', 'upsert_lead', 'lead', $2, $3, $3, $3, 'pending', 0, '')",
         )
+        .bind(id)
+        .bind(lead_id)
         .bind(now)
         .execute(store.pool())
         .await?;
@@ -776,15 +788,12 @@ mod tests {
         add_a_job(store).await?;
         let now = now_ms();
         for number in 2..=5 {
-            sqlx::query(
-                "INSERT INTO jobs (id, event_id, target, operation, entity_type, entity_id, \
-                 next_attempt_at, created_at, updated_at, state, attempts, last_error) \
-                 VALUES ($1, 'evt_1', 'pipedrive', 'upsert_lead', 'lead', $2, $3, $3, $3, 'pending', 0, '')",
+            add_pending_job(
+                store,
+                &format!("job_{number}"),
+                &format!("lead_{number}"),
+                now,
             )
-            .bind(format!("job_{number}"))
-            .bind(format!("lead_{number}"))
-            .bind(now)
-            .execute(store.pool())
             .await?;
         }
         let runner = JobRunner::new(
