@@ -12,7 +12,7 @@
 //! every target alike: compare the ratios, not the absolute figures. A second table shows each
 //! engine's ingest writer, read from the process's metrics: its serial time per webhook, its busy
 //! share, the webhooks per transaction and, on SQLite, the fsync of the write-ahead log each
-//! acknowledgement waits for. A third takes the mean time to acknowledge apart: the orchestrator's
+//! acknowledgement waits for and how much of that log each webhook wrote. A third takes the mean time to acknowledge apart: the orchestrator's
 //! ingest stages (`leadrelay_ingest_call_seconds`: waiting for the writer, in the group until its
 //! commit, from the commit until the fsync made it durable) and the rest, which is HTTP, the
 //! gateway, the gRPC stream both ways and the orchestrator's reading and answering.
@@ -104,6 +104,13 @@ impl Measurement {
                 self.writer.calls as f64 / syncs,
             )
         })
+    }
+
+    /// The write-ahead log the writer's commits appended per webhook, in KiB; `None` when the
+    /// engine has no such log of ours (Postgres).
+    fn log_kib_per_call(&self) -> Option<f64> {
+        (self.writer.log_bytes > 0 && self.writer.calls > 0)
+            .then(|| self.writer.log_bytes as f64 / 1024.0 / self.writer.calls as f64)
     }
 
     /// The mean time per webhook in each of the orchestrator's ingest stages, in milliseconds.
@@ -481,15 +488,17 @@ async fn main() -> Result<(), Error> {
     // rate, and its busy share says how close to that bound the run came.
     println!();
     // On SQLite every acknowledgement also waits for an fsync of the write-ahead log: its time
-    // is the disk's share of the time to acknowledge.
+    // is the disk's share of the time to acknowledge. The log written per webhook is what the
+    // fsyncs and the checkpoints move, and unlike the times it does not drift with the machine.
     println!(
-        "{:<34} {:>16} {:>12} {:>16} {:>14} {:>16}",
+        "{:<34} {:>16} {:>12} {:>16} {:>14} {:>16} {:>16}",
         "ingest writer",
         "µs per webhook",
         "busy",
         "webhooks/group",
         "log fsync ms",
-        "webhooks/fsync"
+        "webhooks/fsync",
+        "log KiB/webhook"
     );
     for target in others.iter() {
         let writer = &target.measured;
@@ -497,14 +506,18 @@ async fn main() -> Result<(), Error> {
             || ("—".to_owned(), "—".to_owned()),
             |(ms, per_sync)| (format!("{ms:.2}"), format!("{per_sync:.1}")),
         );
+        let log_kib = writer
+            .log_kib_per_call()
+            .map_or_else(|| "—".to_owned(), |kib| format!("{kib:.1}"));
         println!(
-            "{:<34} {:>16.1} {:>11.0}% {:>16.1} {:>14} {:>16}",
+            "{:<34} {:>16.1} {:>11.0}% {:>16.1} {:>14} {:>16} {:>16}",
             target.label,
             writer.writer_us_per_call(),
             100.0 * writer.writer_busy_share(),
             writer.writer.calls as f64 / writer.writer.groups as f64,
             sync_ms,
-            per_sync
+            per_sync,
+            log_kib
         );
     }
     // The time to acknowledge, taken apart: the orchestrator's stages, from its metrics, and the

@@ -148,6 +148,18 @@ async fn the_counters_move_with_webhooks_jobs_and_crm_calls() -> TestResult {
             format!(r#"leadrelay_ingest_call_seconds_count{{engine="sqlite",stage="{stage}"}}"#);
         assert_eq!(value(&after, &series), 2.0, "{series}");
     }
+    // The new lead's event, lead, link and job went into the write-ahead log as whole pages (a
+    // 4 KiB page and a 24-byte header each): at least one per table written.
+    let log_bytes = value(
+        &after,
+        r#"leadrelay_ingest_log_bytes_total{engine="sqlite"}"#,
+    );
+    assert!(log_bytes >= 4.0 * 4120.0, "{log_bytes} bytes");
+    assert_eq!(
+        log_bytes % 4120.0,
+        0.0,
+        "{log_bytes} bytes are not whole frames"
+    );
     assert_eq!(
         value(
             &after,

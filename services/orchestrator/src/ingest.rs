@@ -526,7 +526,9 @@ impl Committer for SqliteCommitter {
         });
         // After the answers are on their way: a checkpoint the writer has to run itself delays
         // the next group, not this one.
-        self.checkpoints.after_commit(&self.connection);
+        if let Some(bytes) = self.checkpoints.after_commit(&self.connection) {
+            leadrelay_runtime::metrics::metrics().ingest_log_written(Backend::Sqlite.name(), bytes);
+        }
     }
 }
 

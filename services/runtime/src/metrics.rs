@@ -17,6 +17,7 @@
 //! | `leadrelay_ingest_group_calls_total` | counter | `engine` |
 //! | `leadrelay_ingest_writer_busy_seconds_total` | counter | `engine` |
 //! | `leadrelay_ingest_log_sync_seconds` | histogram | `engine` (sqlite) |
+//! | `leadrelay_ingest_log_bytes_total` | counter | `engine` (sqlite) |
 //! | `leadrelay_ingest_call_seconds` | histogram, one sample per webhook call and stage | `engine`, `stage` (queued, group, sync) |
 
 use std::{
@@ -64,6 +65,7 @@ pub struct Metrics {
     /// count and sum are readable only in its crate's tests. Not registered (the histogram
     /// exports them).
     ingest_log_sync_totals: Family<Labels, TimeTotals>,
+    ingest_log_bytes: Family<Labels, Counter>,
     ingest_call_time: HistogramFamily,
     /// The same samples' count and time, for [`Metrics::ingest_writer_totals`]. Not registered.
     ingest_call_totals: Family<Labels, TimeTotals>,
@@ -129,6 +131,8 @@ pub struct IngestWriterTotals {
     pub log_syncs: u64,
     /// Time those fsyncs took.
     pub log_sync_seconds: f64,
+    /// Bytes the commits appended to the write-ahead log (SQLite): what those fsyncs wrote.
+    pub log_bytes: u64,
     /// The time the calls spent in each stage ([`IngestStage`]), summed over the calls: divided
     /// by `calls` (by `synced_calls` for [`IngestStage::Sync`]), the mean per call.
     pub queued_seconds: f64,
@@ -151,6 +155,7 @@ impl std::ops::Sub for IngestWriterTotals {
             busy_seconds: self.busy_seconds - earlier.busy_seconds,
             log_syncs: self.log_syncs - earlier.log_syncs,
             log_sync_seconds: self.log_sync_seconds - earlier.log_sync_seconds,
+            log_bytes: self.log_bytes - earlier.log_bytes,
             queued_seconds: self.queued_seconds - earlier.queued_seconds,
             group_seconds: self.group_seconds - earlier.group_seconds,
             sync_seconds: self.sync_seconds - earlier.sync_seconds,
@@ -166,6 +171,7 @@ impl std::ops::AddAssign for IngestWriterTotals {
         self.busy_seconds += more.busy_seconds;
         self.log_syncs += more.log_syncs;
         self.log_sync_seconds += more.log_sync_seconds;
+        self.log_bytes += more.log_bytes;
         self.queued_seconds += more.queued_seconds;
         self.group_seconds += more.group_seconds;
         self.sync_seconds += more.sync_seconds;
@@ -294,6 +300,12 @@ impl Metrics {
             "Time of one fsync of the SQLite write-ahead log, which every webhook acknowledgement waits for: the disk's share of the time to acknowledge",
             ingest_log_sync.clone(),
         );
+        let ingest_log_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            "ingest_log_bytes",
+            "Bytes the ingest writer's commits appended to the SQLite write-ahead log (whole pages, each with its frame header), which the fsyncs write and the checkpoints copy; divided by the webhooks stored, the disk write each webhook costs",
+            ingest_log_bytes.clone(),
+        );
         let ingest_call_time =
             HistogramFamily::new_with_constructor(sync_buckets as fn() -> Histogram);
         registry.register(
@@ -319,6 +331,7 @@ impl Metrics {
             ingest_writer_busy,
             ingest_log_sync,
             ingest_log_sync_totals: Family::default(),
+            ingest_log_bytes,
             ingest_call_time,
             ingest_call_totals: Family::default(),
         }
@@ -344,6 +357,13 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
         let totals = self.ingest_log_sync_totals.get_or_create(&engine);
         totals.add(elapsed);
+    }
+
+    /// A commit of the ingest writer on `engine` appended `bytes` to the write-ahead log.
+    pub fn ingest_log_written(&self, engine: &str, bytes: u64) {
+        self.ingest_log_bytes
+            .get_or_create(&labels(&[("engine", engine)]))
+            .inc_by(bytes);
     }
 
     /// Calls of the ingest writer on `engine` spent `times` in `stage`, one per call.
@@ -454,6 +474,10 @@ impl Metrics {
             log_sync_seconds: log_syncs
                 .as_ref()
                 .map_or(0.0, |totals| totals.seconds.get()),
+            log_bytes: self
+                .ingest_log_bytes
+                .get(&engine)
+                .map_or(0, |bytes| bytes.get()),
             queued_seconds: stage(IngestStage::Queued).1,
             group_seconds: stage(IngestStage::Group).1,
             sync_seconds,
@@ -540,6 +564,7 @@ mod tests {
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
+        metrics.ingest_log_written("sqlite", 41_200);
         metrics.ingest_calls(
             "sqlite",
             IngestStage::Queued,
@@ -562,6 +587,7 @@ mod tests {
             r#"leadrelay_ingest_writer_busy_seconds_total{engine="sqlite"} 0.25"#,
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0004",engine="sqlite"} 0"#,
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0008",engine="sqlite"} 1"#,
+            r#"leadrelay_ingest_log_bytes_total{engine="sqlite"} 41200"#,
             r#"leadrelay_ingest_call_seconds_bucket{le="0.0004",engine="sqlite",stage="queued"} 1"#,
             r#"leadrelay_ingest_call_seconds_bucket{le="0.0016",engine="sqlite",stage="queued"} 2"#,
             r#"leadrelay_ingest_call_seconds_count{engine="sqlite",stage="group"} 2"#,
@@ -577,6 +603,7 @@ mod tests {
                 busy_seconds: 0.25,
                 log_syncs: 1,
                 log_sync_seconds: 0.0005,
+                log_bytes: 41_200,
                 queued_seconds: 0.0012,
                 group_seconds: 0.002,
                 sync_seconds: 0.0007,
@@ -590,13 +617,14 @@ mod tests {
         let before = metrics.ingest_writer_totals("sqlite");
         metrics.ingest_group("sqlite", 5, Duration::from_millis(50));
         metrics.ingest_log_synced("sqlite", Duration::from_millis(2));
+        metrics.ingest_log_written("sqlite", 8_240);
         metrics.ingest_calls("sqlite", IngestStage::Sync, [Duration::from_millis(3); 5]);
         let mut spent = IngestWriterTotals::default();
         spent += metrics.ingest_writer_totals("sqlite") - before;
         assert_eq!((spent.groups, spent.calls, spent.log_syncs), (1, 5, 1));
         assert!((spent.busy_seconds - 0.05).abs() < 1e-9, "{spent:?}");
         assert!((spent.log_sync_seconds - 0.002).abs() < 1e-9, "{spent:?}");
-        assert_eq!(spent.synced_calls, 5);
+        assert_eq!((spent.synced_calls, spent.log_bytes), (5, 8_240));
         assert!((spent.sync_seconds - 0.015).abs() < 1e-9, "{spent:?}");
         assert!(text.ends_with("# EOF\n"));
     }
@@ -613,6 +641,7 @@ mod tests {
         metrics.rate_limit_wait("pipedrive", Duration::from_secs(2));
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
+        metrics.ingest_log_written("sqlite", 41_200);
         metrics.ingest_calls("sqlite", IngestStage::Queued, [Duration::from_micros(300)]);
         let exist = sample_names(&metrics.render().await);
 

@@ -89,6 +89,36 @@ impl LogFill {
     }
 }
 
+/// Where the log ends: on which lap (the log's first salt, which SQLite changes each time the log
+/// starts over) and after how many frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LogEnd {
+    lap: u32,
+    frames: u32,
+}
+
+impl LogEnd {
+    /// The frames appended since `earlier`: every frame of the log when it started over between
+    /// the two. The writer reads the end after each of its commits, and the log starts over only
+    /// at the start of a commit, so at most once between two readings.
+    fn frames_since(self, earlier: Self) -> u32 {
+        if self.lap == earlier.lap {
+            self.frames.saturating_sub(earlier.frames)
+        } else {
+            self.frames
+        }
+    }
+}
+
+/// What the wal-index header says of the log.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LogHeader {
+    pub(super) fill: LogFill,
+    end: LogEnd,
+    /// The bytes of one frame: a page and the frame's 24-byte header.
+    frame_bytes: u64,
+}
+
 /// The wal-index (`<database>-shm`), read for how full the log is.
 pub(super) struct WalIndex {
     file: File,
@@ -108,6 +138,11 @@ impl WalIndex {
     /// How full the log is now. The header is read without SQLite's locks: a value may be a
     /// commit old, which only moves a checkpoint by a commit.
     pub(super) fn fill(&self) -> std::io::Result<LogFill> {
+        self.header().map(|header| header.fill)
+    }
+
+    /// The header as it is now; read as [`WalIndex::fill`] is.
+    pub(super) fn header(&self) -> std::io::Result<LogHeader> {
         // The first copy of the header (48 bytes), then the checkpoint info, whose first field
         // is nBackfill.
         let mut header = [0_u8; 100];
@@ -128,9 +163,21 @@ impl WalIndex {
                 ),
             ));
         }
-        Ok(LogFill {
-            frames: field(16),
-            copied: field(96),
+        // szPage: the page size, or 1 for 65536.
+        let page_size = match u16::from_ne_bytes([header[14], header[15]]) {
+            1 => 65_536,
+            size => u64::from(size),
+        };
+        Ok(LogHeader {
+            fill: LogFill {
+                frames: field(16),
+                copied: field(96),
+            },
+            end: LogEnd {
+                lap: field(32),
+                frames: field(16),
+            },
+            frame_bytes: page_size + 24,
         })
     }
 }
@@ -141,6 +188,8 @@ pub(super) enum Checkpoints {
     Beside {
         committed: mpsc::SyncSender<()>,
         log: WalIndex,
+        /// Where the log ended after the writer's last commit.
+        end: LogEnd,
     },
     /// SQLite checkpoints inside the writer's commits, as by default.
     InWriter,
@@ -157,8 +206,10 @@ impl Checkpoints {
         writer
             .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
             .map_err(SqliteError::from)?;
-        let log = match WalIndex::open(database).and_then(|log| log.fill().map(|_| log)) {
-            Ok(log) => log,
+        let (log, end) = match WalIndex::open(database)
+            .and_then(|log| log.header().map(|header| (log, header.end)))
+        {
+            Ok(opened) => opened,
             Err(error) => {
                 tracing::warn!(
                     %error,
@@ -182,17 +233,33 @@ impl Checkpoints {
         writer
             .execute_batch("PRAGMA wal_autocheckpoint = 0")
             .map_err(SqliteError::from)?;
-        Ok(Self::Beside { committed, log })
+        Ok(Self::Beside {
+            committed,
+            log,
+            end,
+        })
     }
 
-    /// Called by the writer after each commit, with no transaction open.
-    pub(super) fn after_commit(&mut self, writer: &rusqlite::Connection) {
-        let Self::Beside { committed, log } = self else {
-            return;
+    /// Called by the writer after each commit, with no transaction open; returns the bytes the
+    /// commit appended to the log, `None` when the wal-index cannot tell.
+    pub(super) fn after_commit(&mut self, writer: &rusqlite::Connection) -> Option<u64> {
+        let Self::Beside {
+            committed,
+            log,
+            end,
+        } = self
+        else {
+            return None;
         };
         // A full channel already holds a wake-up, which covers this commit.
         let _ = committed.try_send(());
-        match log.fill() {
+        let header = log.header();
+        let appended = header.as_ref().ok().map(|header| {
+            let frames = header.end.frames_since(*end);
+            *end = header.end;
+            u64::from(frames) * header.frame_bytes
+        });
+        match header.map(|header| header.fill) {
             Ok(fill) if fill.writer_copies() => {
                 // Past the limit the writer waits out a checkpoint the thread is still running
                 // (SQLite runs one at a time and never waits for the other), so that the log
@@ -233,6 +300,7 @@ impl Checkpoints {
                 }
             }
         }
+        appended
     }
 }
 
@@ -291,23 +359,25 @@ mod tests {
         Ok(writer)
     }
 
-    /// Commits `transactions` transactions of 16 rows of 2 KiB, as the writer does.
+    /// Commits `transactions` transactions of 16 rows of 2 KiB, as the writer does; returns the
+    /// log bytes counted for each.
     fn commit_rows(
         writer: &rusqlite::Connection,
         checkpoints: &mut Checkpoints,
         transactions: usize,
         mut each: impl FnMut(),
-    ) -> rusqlite::Result<()> {
+    ) -> rusqlite::Result<Vec<Option<u64>>> {
+        let mut appended = Vec::with_capacity(transactions);
         for _ in 0..transactions {
             writer.execute_batch("BEGIN IMMEDIATE")?;
             for _ in 0..16 {
                 writer.execute("INSERT INTO rows (body) VALUES (zeroblob(2048))", [])?;
             }
             writer.execute_batch("COMMIT")?;
-            checkpoints.after_commit(writer);
+            appended.push(checkpoints.after_commit(writer));
             each();
         }
-        Ok(())
+        Ok(appended)
     }
 
     #[test]
@@ -410,6 +480,50 @@ mod tests {
                 "the database file stayed near {migrated} bytes: nothing was copied into it"
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn each_commit_counts_the_bytes_it_appended_to_the_log_also_when_the_log_starts_over()
+    -> TestResult {
+        let folder = tempfile::tempdir()?;
+        let database = folder.path().join("log.db");
+        let writer = open_writer(&database)?;
+        let mut checkpoints = Checkpoints::start(&database, &writer)?;
+        let log = WalIndex::open(&database)?;
+        let wal = crate::ingest::sqlite_sibling(&database, "-wal");
+
+        // On the log's first lap it only grows, by what each commit appended: whole frames of
+        // a 4 KiB page and a 24-byte header. 30 commits stay below the thread's 1000 frames.
+        let mut first_lap = Vec::new();
+        for _ in 0..30 {
+            let before = std::fs::metadata(&wal)?.len();
+            let counted = commit_rows(&writer, &mut checkpoints, 1, || {})?;
+            let grown = std::fs::metadata(&wal)?.len() - before;
+            assert_eq!(counted, [Some(grown)], "the log grew by {grown} bytes");
+            assert_eq!(grown % (4096 + 24), 0, "{grown} bytes are not whole frames");
+            // 16 rows of 2 KiB fill at least 8 pages.
+            assert!(grown >= 8 * (4096 + 24), "{grown} bytes");
+            first_lap.push(grown);
+        }
+        let lap = log.header()?.end.lap;
+
+        // ~10 frames a commit: the log starts over after 8192 frames, so several times in 3000
+        // commits. A commit on a new lap counts its frames, not the frames less the old lap's.
+        let counted = commit_rows(&writer, &mut checkpoints, 3000, || {})?;
+        assert_ne!(log.header()?.end.lap, lap, "the log never started over");
+        let (fewest, most) = (
+            first_lap.iter().min().copied().unwrap_or_default(),
+            first_lap.iter().max().copied().unwrap_or_default(),
+        );
+        for bytes in counted {
+            let bytes = bytes.ok_or("the wal-index could not be read")?;
+            // Interior pages along the path to the table's last leaf add a few frames now and then.
+            assert!(
+                (fewest..=most + 8 * (4096 + 24)).contains(&bytes),
+                "a commit counted {bytes} bytes; on the first lap each counted {fewest} to {most}"
+            );
         }
         Ok(())
     }
