@@ -12,10 +12,11 @@
 //! every target alike: compare the ratios, not the absolute figures. A second table shows each
 //! engine's ingest writer, read from the process's metrics: its serial time per webhook, its busy
 //! share, the webhooks per transaction and, on SQLite, the fsync of the write-ahead log each
-//! acknowledgement waits for and how much of that log each webhook wrote. A third takes the mean time to acknowledge apart: the orchestrator's
-//! ingest stages (`leadrelay_ingest_call_seconds`: waiting for the writer, in the group until its
-//! commit, from the commit until the fsync made it durable) and the rest, which is HTTP, the
-//! gateway, the gRPC stream both ways and the orchestrator's reading and answering.
+//! acknowledgement waits for and how much of that log each webhook wrote. A third takes the mean
+//! time to acknowledge apart: the orchestrator's ingest stages (`leadrelay_ingest_call_seconds`:
+//! waiting for the writer, in the group until its commit, from the commit until the fsync made it
+//! durable) and the rest, which is HTTP, the gateway, the gRPC stream both ways and the
+//! orchestrator's reading and answering.
 
 use std::{
     collections::HashMap,

@@ -114,9 +114,19 @@ impl LogEnd {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct LogHeader {
     pub(super) fill: LogFill,
-    end: LogEnd,
+    /// The log's first salt, which SQLite changes each time the log starts over.
+    lap: u32,
     /// The bytes of one frame: a page and the frame's 24-byte header.
     frame_bytes: u64,
+}
+
+impl LogHeader {
+    fn end(self) -> LogEnd {
+        LogEnd {
+            lap: self.lap,
+            frames: self.fill.frames,
+        }
+    }
 }
 
 /// The wal-index (`<database>-shm`), read for how full the log is.
@@ -173,10 +183,7 @@ impl WalIndex {
                 frames: field(16),
                 copied: field(96),
             },
-            end: LogEnd {
-                lap: field(32),
-                frames: field(16),
-            },
+            lap: field(32),
             frame_bytes: page_size + 24,
         })
     }
@@ -207,7 +214,7 @@ impl Checkpoints {
             .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
             .map_err(SqliteError::from)?;
         let (log, end) = match WalIndex::open(database)
-            .and_then(|log| log.header().map(|header| (log, header.end)))
+            .and_then(|log| log.header().map(|header| (log, header.end())))
         {
             Ok(opened) => opened,
             Err(error) => {
@@ -255,8 +262,8 @@ impl Checkpoints {
         let _ = committed.try_send(());
         let header = log.header();
         let appended = header.as_ref().ok().map(|header| {
-            let frames = header.end.frames_since(*end);
-            *end = header.end;
+            let frames = header.end().frames_since(*end);
+            *end = header.end();
             u64::from(frames) * header.frame_bytes
         });
         match header.map(|header| header.fill) {
@@ -507,12 +514,12 @@ mod tests {
             assert!(grown >= 8 * (4096 + 24), "{grown} bytes");
             first_lap.push(grown);
         }
-        let lap = log.header()?.end.lap;
+        let lap = log.header()?.lap;
 
         // ~10 frames a commit: the log starts over after 8192 frames, so several times in 3000
         // commits. A commit on a new lap counts its frames, not the frames less the old lap's.
         let counted = commit_rows(&writer, &mut checkpoints, 3000, || {})?;
-        assert_ne!(log.header()?.end.lap, lap, "the log never started over");
+        assert_ne!(log.header()?.lap, lap, "the log never started over");
         let (fewest, most) = (
             first_lap.iter().min().copied().unwrap_or_default(),
             first_lap.iter().max().copied().unwrap_or_default(),
