@@ -26,6 +26,7 @@ use leadrelay_runtime::metrics::IngestStage;
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
+pub(crate) use self::checkpoint::LOG_FRAMES_LIMIT;
 pub use self::sql::SqliteError;
 use self::{
     content_hash::content_hash,

@@ -146,6 +146,15 @@ impl Store {
                     .after_connect(|connection, _| {
                         Box::pin(async move {
                             connection.execute(SQLITE_PRAGMAS).await?;
+                            // The ingest writer's thread checkpoints the log once a lap (see
+                            // `ingest::checkpoint`); these connections only when it grew past
+                            // what that thread lets it reach.
+                            connection
+                                .execute(&*format!(
+                                    "PRAGMA wal_autocheckpoint = {}",
+                                    crate::ingest::LOG_FRAMES_LIMIT
+                                ))
+                                .await?;
                             Ok(())
                         })
                     })

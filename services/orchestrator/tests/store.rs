@@ -58,6 +58,12 @@ async fn sqlite_file_and_folder_are_created_in_wal_mode() -> TestResult {
         .fetch_one(store.pool())
         .await?;
     assert_eq!(synchronous, 2, "synchronous = FULL");
+    // The ingest writer's thread copies the log once a lap; a pooled connection checkpoints only
+    // a log past the lap's limit (24,576 frames), not SQLite's default 1000.
+    let autocheckpoint: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+        .fetch_one(store.pool())
+        .await?;
+    assert_eq!(autocheckpoint, 24_576);
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_%' ESCAPE '\\' \
          AND name <> 'sqlite_sequence' ORDER BY name",
