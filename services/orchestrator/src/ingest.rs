@@ -726,6 +726,20 @@ pub(crate) fn source_key(application_id: &str, hana_id: &str) -> String {
     format!("hana:{}:{application_id}:{hana_id}", application_id.len())
 }
 
+/// How a lead or deal is found by its source key on SQLite (migration 0006): by the key's last 16
+/// characters, which the index holds, and by the whole key, which decides. Binds
+/// [`source_key_tail`] of the key, then the key.
+pub(crate) const SQLITE_BY_SOURCE_KEY: &str = "substr(source_key, -16) = ? AND source_key = ?";
+
+/// The last 16 characters of `key` (all of a shorter one), as SQLite's `substr(key, -16)`
+/// counts them: characters, not bytes.
+pub(crate) fn source_key_tail(key: &str) -> &str {
+    key.char_indices()
+        .rev()
+        .nth(15)
+        .map_or(key, |(start, _)| &key[start..])
+}
+
 /// A call that passed validation.
 struct ValidCall<'a> {
     kind: HanaEventKind,

@@ -7,7 +7,7 @@ use sqlx::{AnyPool, Row, any::AnyRow};
 
 use crate::{
     entity::CanonicalEntity,
-    ingest::{source_key, timestamp},
+    ingest::{source_key, source_key_tail, timestamp},
     routes::{EntityType, Operation, system_from_name, system_name},
     store::StoreError,
 };
@@ -105,6 +105,48 @@ pub(crate) const ENTITY_BY_REMOTE_ID: &str = "SELECT entity_id FROM links \
      WHERE entity_type = $1 AND system = $2 AND remote_id = $3 AND system <> 'hana' \
      ORDER BY linked_at LIMIT 1";
 
+/// The earliest entity of kind `E` stored under one of `keys`.
+async fn entity_by_source_keys<E: CanonicalEntity>(
+    pool: &AnyPool,
+    keys: &[String],
+) -> Result<Option<String>, sqlx::Error> {
+    let sqlite = pool.connect_options().database_url.scheme() == "sqlite";
+    let select = entity_by_source_keys_sql(E::TABLE, keys.len(), sqlite);
+    let mut query = sqlx::query_scalar(&select);
+    if sqlite {
+        for key in keys {
+            query = query.bind(source_key_tail(key));
+        }
+    }
+    for key in keys {
+        query = query.bind(key.as_str());
+    }
+    query.fetch_optional(pool).await
+}
+
+/// The statement of [`entity_by_source_keys`] for `keys` keys. SQLite finds a key by its last 16
+/// characters as well, which its index holds (see [`crate::ingest::SQLITE_BY_SOURCE_KEY`]): it
+/// binds every key's tail, then every key.
+pub(crate) fn entity_by_source_keys_sql(table: &str, keys: usize, sqlite: bool) -> String {
+    let numbered = |from: usize| -> String {
+        (from..from + keys)
+            .map(|number| format!("${number}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let condition = if sqlite {
+        format!(
+            "substr(source_key, -16) IN ({}) AND source_key IN ({})",
+            numbered(1),
+            numbered(keys + 1)
+        )
+    } else {
+        format!("source_key IN ({})", numbered(1))
+    };
+    // Ids are time-ordered: they break a tie within one millisecond.
+    format!("SELECT id FROM {table} WHERE {condition} ORDER BY created_at, id LIMIT 1")
+}
+
 /// The id of the entity of kind `E` that `key` names, if any.
 async fn resolve<E: CanonicalEntity>(
     pool: &AnyPool,
@@ -125,20 +167,11 @@ async fn resolve<E: CanonicalEntity>(
             if applications.is_empty() {
                 return Ok(None);
             }
-            let placeholders: Vec<String> = (1..=applications.len())
-                .map(|number| format!("${number}"))
+            let keys: Vec<String> = applications
+                .iter()
+                .map(|application_id| source_key(application_id, remote_id))
                 .collect();
-            // Ids are time-ordered: they break a tie within one millisecond.
-            let select = format!(
-                "SELECT id FROM {} WHERE source_key IN ({}) ORDER BY created_at, id LIMIT 1",
-                E::TABLE,
-                placeholders.join(", ")
-            );
-            let mut query = sqlx::query_scalar(&select);
-            for application_id in &applications {
-                query = query.bind(source_key(application_id, remote_id));
-            }
-            Ok(query.fetch_optional(pool).await?)
+            Ok(entity_by_source_keys::<E>(pool, &keys).await?)
         }
         EntityKey::Remote { system, remote_id } => Ok(sqlx::query_scalar(ENTITY_BY_REMOTE_ID)
             .bind(E::ENTITY_TYPE.as_str())

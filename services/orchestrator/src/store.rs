@@ -211,6 +211,15 @@ impl Store {
             .iter()
             .filter(|migration| migration.version > before && migration.version <= version)
             .count();
+        if applied > 0 && matches!(self.backend, Backend::Sqlite) {
+            // A migration that rewrites a table (0006) leaves a write-ahead log as large as the
+            // table, and SQLite keeps the file at the largest size it reached: the log is copied
+            // into the database and the file cut back to nothing. Another process reading the
+            // store keeps its part of the log; then the file stays as it is.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(MigrationReport { applied, version })
     }
 
@@ -478,14 +487,21 @@ mod tests {
     /// every link.
     #[tokio::test]
     async fn every_lookup_by_remote_id_uses_the_link_index_on_sqlite() -> TestResult {
+        let queries =
+            LOOKUPS_BY_REMOTE_ID.map(|query| (query.to_owned(), "links_by_remote".to_owned()));
+        assert_sqlite_plans_use(&queries).await
+    }
+
+    /// Asserts that SQLite plans each query, on a migrated store, with the index named beside it.
+    async fn assert_sqlite_plans_use(queries: &[(String, String)]) -> TestResult {
         let folder = tempfile::tempdir()?;
         let store = sqlite_store(&folder).await?;
         store.migrate().await?;
         let mut connection = store.pool().acquire().await?;
-        for query in LOOKUPS_BY_REMOTE_ID {
+        for (query, index) in queries {
             let plan = query_plan(&mut connection, query).await?;
             assert!(
-                plan.iter().any(|step| step.contains("links_by_remote")),
+                plan.iter().any(|step| step.contains(index.as_str())),
                 "{query}\nis planned as {plan:?}"
             );
         }
@@ -515,22 +531,162 @@ mod tests {
         Ok(())
     }
 
-    /// A store migrated before 0004 learns the Hana applications of the events it holds.
-    #[tokio::test]
-    async fn hana_applications_are_filled_from_stored_events() -> TestResult {
+    /// A SQLite store in a folder of its own, migrated up to (not including) `version`.
+    async fn sqlite_store_before(
+        version: i64,
+    ) -> Result<(tempfile::TempDir, Store), Box<dyn std::error::Error + Send + Sync>> {
         let folder = tempfile::tempdir()?;
         let store = sqlite_store(&folder).await?;
-        let before_0004 = Migrator {
+        let older = Migrator {
             migrations: std::borrow::Cow::Owned(
                 SQLITE_MIGRATIONS
                     .iter()
-                    .filter(|migration| migration.version < 4)
+                    .filter(|migration| migration.version < version)
                     .cloned()
                     .collect(),
             ),
             ..Migrator::DEFAULT
         };
-        before_0004.run(store.pool()).await?;
+        older.run(store.pool()).await?;
+        Ok((folder, store))
+    }
+
+    /// Every lookup of a lead or deal by source key on SQLite goes through the index of the keys'
+    /// tails (migration 0006): without the tail in its condition it would read every row.
+    #[tokio::test]
+    async fn every_lookup_by_source_key_uses_the_tail_index_on_sqlite() -> TestResult {
+        let mut queries = Vec::new();
+        for table in ["leads", "deals"] {
+            let index = format!("{table}_by_source_key_tail");
+            // The ingest writer's.
+            let writer = format!(
+                "SELECT source_key, id, body FROM {table} WHERE {}",
+                crate::ingest::SQLITE_BY_SOURCE_KEY
+            );
+            queries.push((writer, index.clone()));
+            // GetLead and GetDeal by Hana id, under two applications.
+            queries.push((
+                crate::queries::entity_by_source_keys_sql(table, 2, true),
+                index,
+            ));
+        }
+        assert_sqlite_plans_use(&queries).await
+    }
+
+    /// The tail a lookup binds is the one SQLite indexed: the same characters, multi-byte ones
+    /// too.
+    #[tokio::test]
+    async fn source_key_tails_are_cut_as_sqlite_cuts_them() -> TestResult {
+        let folder = tempfile::tempdir()?;
+        let store = sqlite_store(&folder).await?;
+        for key in [
+            "",
+            "short",
+            "exactly-16-chars",
+            "hana:5:app-1:e734c76a-52ca-44f0-a21e8e1fe627c308",
+            "hana:5:app-1:ĐàNẵng-ký-tự-có-dấu-😀-1",
+        ] {
+            let indexed: String = sqlx::query_scalar("SELECT substr($1, -16)")
+                .bind(key)
+                .fetch_one(store.pool())
+                .await?;
+            assert_eq!(crate::ingest::source_key_tail(key), indexed, "{key}");
+        }
+        store.close().await;
+        Ok(())
+    }
+
+    /// Migration 0006 rebuilds the leads and deals tables without the UNIQUE of their source key:
+    /// every row stays as it was, is found by its Hana id, and the log the rebuild wrote is
+    /// copied and its file emptied.
+    #[tokio::test]
+    async fn leads_and_deals_keep_every_row_through_the_source_key_migration() -> TestResult {
+        let (folder, store) = sqlite_store_before(6).await?;
+        sqlx::query("INSERT INTO hana_applications (application_id) VALUES ('app-1')")
+            .execute(store.pool())
+            .await?;
+        let hana_ids = [
+            "short",
+            "e734c76a-52ca-44f0-a21e8e1fe627c308",
+            "ĐàNẵng-ký-tự-có-dấu-1",
+        ];
+        for (number, hana_id) in (1..).zip(hana_ids) {
+            sqlx::query(
+                "INSERT INTO leads (id, source_key, body, created_at, updated_at, deleted_at) \
+                 VALUES ($1, $2, x'', $3, $3, NULL)",
+            )
+            .bind(format!("lead_{number}"))
+            .bind(crate::ingest::source_key("app-1", hana_id))
+            .bind(number)
+            .execute(store.pool())
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO deals (id, source_key, body, contact_lead_id, created_at, updated_at, \
+             deleted_at) VALUES ('deal_1', $1, x'', 'lead_2', 7, 8, 9)",
+        )
+        .bind(crate::ingest::source_key("app-1", hana_ids[1]))
+        .execute(store.pool())
+        .await?;
+        let rows = "SELECT id, source_key, created_at FROM leads ORDER BY id";
+        let leads_before: Vec<(String, String, i64)> =
+            sqlx::query_as(rows).fetch_all(store.pool()).await?;
+        let deal = "SELECT id, source_key, contact_lead_id, created_at, updated_at, deleted_at \
+                    FROM deals";
+        let deal_before: (String, String, String, i64, i64, i64) =
+            sqlx::query_as(deal).fetch_one(store.pool()).await?;
+
+        assert_eq!(store.migrate().await?.applied, 1);
+        let wal = folder.path().join("store.db-wal");
+        assert_eq!(
+            std::fs::metadata(&wal)?.len(),
+            0,
+            "the log was left in its file"
+        );
+        let leads_after: Vec<(String, String, i64)> =
+            sqlx::query_as(rows).fetch_all(store.pool()).await?;
+        assert_eq!(leads_after, leads_before);
+        let deal_after: (String, String, String, i64, i64, i64) =
+            sqlx::query_as(deal).fetch_one(store.pool()).await?;
+        assert_eq!(deal_after, deal_before);
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'leads' ORDER BY name",
+        )
+        .fetch_all(store.pool())
+        .await?;
+        assert_eq!(
+            indexes,
+            ["leads_by_source_key_tail", "sqlite_autoindex_leads_1"],
+            "the index of whole keys is gone, the primary key's stays"
+        );
+        for (number, hana_id) in (1..).zip(hana_ids) {
+            let key = crate::queries::EntityKey::Remote {
+                system: leadrelay_proto::v1::System::Hana,
+                remote_id: hana_id.to_owned(),
+            };
+            let found = crate::queries::get_lead(store.pool(), &key).await?;
+            assert!(
+                found.is_some(),
+                "lead {number} ({hana_id}) is not found by its Hana id"
+            );
+        }
+        let key = crate::queries::EntityKey::Remote {
+            system: leadrelay_proto::v1::System::Hana,
+            remote_id: hana_ids[1].to_owned(),
+        };
+        assert!(
+            crate::queries::get_deal(store.pool(), &key)
+                .await?
+                .is_some()
+        );
+        store.close().await;
+        Ok(())
+    }
+
+    /// A store migrated before 0004 learns the Hana applications of the events it holds.
+    #[tokio::test]
+    async fn hana_applications_are_filled_from_stored_events() -> TestResult {
+        let (_folder, store) = sqlite_store_before(4).await?;
         for (id, source, application_id, key) in [
             ("evt_1", "hana", "app-1", "k1"),
             ("evt_2", "hana", "app-1", "k2"),
@@ -548,7 +704,7 @@ mod tests {
             .execute(store.pool())
             .await?;
         }
-        assert_eq!(store.migrate().await?.applied, 2);
+        assert_eq!(store.migrate().await?.applied, 3);
         let applications: Vec<String> = sqlx::query_scalar(
             "SELECT application_id FROM hana_applications ORDER BY application_id",
         )

@@ -89,6 +89,12 @@ async fn calls_sharing_a_group(store: Store) -> TestResult {
         lead.name, "Third",
         "events for one entity apply in arrival order"
     );
+    // One lead per Hana id, however many of its events a group holds: on SQLite no constraint
+    // would refuse a second (migration 0006), the writer's lookup is what prevents it.
+    let leads: i64 = sqlx::query_scalar("SELECT count(*) FROM leads")
+        .fetch_one(store.pool())
+        .await?;
+    assert_eq!(leads, 2, "lead-a and lead-b");
     let stats = queries::stats(store.pool()).await?;
     assert_eq!(
         (stats.events, stats.duplicates, stats.quarantined),

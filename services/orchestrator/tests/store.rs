@@ -26,15 +26,15 @@ async fn migrates_once(store: &Store) -> TestResult {
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
-            applied: 5,
-            version: 5
+            applied: 6,
+            version: 6
         }
     );
     assert_eq!(
         store.migrate().await?,
         MigrationReport {
             applied: 0,
-            version: 5
+            version: 6
         }
     );
     Ok(())

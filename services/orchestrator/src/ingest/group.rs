@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet, hash_map::Entry};
 use leadrelay_proto::v1::{Deal, HanaEventKind, Lead};
 
 use super::{
-    CheckedCall, HanaCall, IngestError, IngestOutcome, ValidCall, Verdict, new_id, now_ms,
-    source_key,
+    CheckedCall, HanaCall, IngestError, IngestOutcome, SQLITE_BY_SOURCE_KEY, ValidCall, Verdict,
+    new_id, now_ms, source_key, source_key_tail,
     sql::{Cell, Column, GroupTransaction, Param},
 };
 use crate::{
@@ -593,7 +593,7 @@ static APPLICATIONS: Repeated<'static> = Repeated {
 };
 
 /// Rows whose `source_key` is one of `keys`: `select` names the columns and the table; `lock`
-/// follows the condition.
+/// follows the condition. SQLite finds a key by its tail as well (see [`SQLITE_BY_SOURCE_KEY`]).
 async fn select_by_source_keys<T: GroupTransaction>(
     transaction: &mut T,
     sql: Sql,
@@ -602,19 +602,26 @@ async fn select_by_source_keys<T: GroupTransaction>(
     keys: &[String],
     columns: &[Column],
 ) -> Result<Vec<Vec<Cell>>, IngestError> {
-    let head = format!("{select} WHERE source_key");
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    for_keys(
-        transaction,
-        sql,
-        &Lookup {
-            head: &head,
-            tail: lock,
-        },
-        &keys,
-        columns,
-    )
-    .await
+    match sql.0 {
+        Backend::Sqlite => {
+            let text = format!("{select} WHERE {SQLITE_BY_SOURCE_KEY}{lock}");
+            let mut found = Vec::new();
+            for key in keys {
+                let params = [Param::Text(source_key_tail(key)), Param::Text(key)];
+                found.extend(run(transaction, &text, &params, columns).await?);
+            }
+            Ok(found)
+        }
+        Backend::Postgres => {
+            let head = format!("{select} WHERE source_key");
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let lookup = Lookup {
+                head: &head,
+                tail: lock,
+            };
+            for_keys(transaction, sql, &lookup, &keys, columns).await
+        }
+    }
 }
 
 /// Ids of the stored leads that tickets in the group name in their `lead` section, by source key.
@@ -896,7 +903,12 @@ async fn insert_entities<E: CanonicalEntity, T: GroupTransaction>(
         } else {
             "(?, ?, ?, ?, ?, ?)"
         },
-        tail: "ON CONFLICT (source_key) DO NOTHING RETURNING id",
+        // SQLite keeps no UNIQUE on the key (migration 0006): its one writer looked every key
+        // up in this transaction. Postgres replicas race for a key; the loser rolls back.
+        tail: match sql.0 {
+            Backend::Sqlite => "RETURNING id",
+            Backend::Postgres => "ON CONFLICT (source_key) DO NOTHING RETURNING id",
+        },
     };
     let inserted = for_rows(
         transaction,
