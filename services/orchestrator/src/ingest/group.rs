@@ -127,8 +127,13 @@ impl Sql {
         let names: Vec<String> = (1..=array_types.len())
             .map(|column| format!("c{column}"))
             .collect();
+        let returning = statement
+            .returning
+            .as_ref()
+            .map(|returning| format!(" RETURNING {}", returning.columns))
+            .unwrap_or_default();
         format!(
-            "{} SELECT {select} FROM UNNEST({}) AS r({}) {}",
+            "{} SELECT {select} FROM UNNEST({}) AS r({}) {}{returning}",
             statement.head,
             arrays.join(", "),
             names.join(", "),
@@ -153,6 +158,20 @@ struct Repeated<'s> {
     head: &'s str,
     row: &'s str,
     tail: &'s str,
+    /// What the statement returns of each row it writes.
+    returning: Option<Returning<'s>>,
+}
+
+/// Values of each row a statement writes, all of them the row's own parameters. Postgres returns
+/// them (`RETURNING`). SQLite, which runs a statement per row, takes them from the parameters of
+/// each row its statement changed: SQLite runs `RETURNING` as a trigger, and a statement with a
+/// trigger copies every page it changes into a statement journal first (measured: 8% of the
+/// SQLite writer's time per webhook, 42.7 against 39.1 µs).
+struct Returning<'s> {
+    /// The columns, as `RETURNING` names them.
+    columns: &'s str,
+    /// The position of each column's parameter in the row.
+    params: &'s [usize],
 }
 
 /// A statement that finds rows by a text key: `{head} IN (?){tail}` once per key on SQLite,
@@ -185,7 +204,16 @@ where
             let text = Sql::one_row(statement);
             let mut returned = Vec::new();
             for row in rows.each_row()? {
-                returned.extend(run(transaction, &text, row, columns).await?);
+                let changed = transaction.execute(&text, row).await?;
+                if let (Some(returning), true) = (&statement.returning, changed > 0) {
+                    let cells = returning
+                        .params
+                        .iter()
+                        .map(|&position| row.get(position).and_then(Param::returned))
+                        .collect::<Option<Vec<Cell>>>()
+                        .ok_or_else(|| misaligned("a returned column that is no text parameter"))?;
+                    returned.push(cells);
+                }
             }
             Ok(returned)
         }
@@ -548,6 +576,7 @@ static QUARANTINE: Repeated<'static> = Repeated {
     head: "INSERT INTO quarantine (id, source, kind, reason, raw_body, received_at)",
     row: "(?, 'hana', ?, ?, ?, ?)",
     tail: "",
+    returning: None,
 };
 
 /// Inserts the candidates' events; returns dedupe key → id of those that were new.
@@ -559,7 +588,11 @@ async fn insert_events<T: GroupTransaction>(
     let statement = Repeated {
         head: "INSERT INTO events (id, source, kind, application_id, dedupe_key, raw_body, received_at, trace_context)",
         row: "(?, 'hana', ?, ?, ?, ?, ?, ?)",
-        tail: "ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING dedupe_key, id",
+        tail: "ON CONFLICT (source, dedupe_key) DO NOTHING",
+        returning: Some(Returning {
+            columns: "dedupe_key, id",
+            params: &[3, 0],
+        }),
     };
     let rows = for_rows(
         transaction,
@@ -590,6 +623,7 @@ static APPLICATIONS: Repeated<'static> = Repeated {
     head: "INSERT INTO hana_applications (application_id)",
     row: "(?)",
     tail: "ON CONFLICT (application_id) DO NOTHING",
+    returning: None,
 };
 
 /// Rows whose `source_key` is one of `keys`: `select` names the columns and the table; `lock`
@@ -906,9 +940,13 @@ async fn insert_entities<E: CanonicalEntity, T: GroupTransaction>(
         // SQLite keeps no UNIQUE on the key (migration 0006): its one writer looked every key
         // up in this transaction. Postgres replicas race for a key; the loser rolls back.
         tail: match sql.0 {
-            Backend::Sqlite => "RETURNING id",
-            Backend::Postgres => "ON CONFLICT (source_key) DO NOTHING RETURNING id",
+            Backend::Sqlite => "",
+            Backend::Postgres => "ON CONFLICT (source_key) DO NOTHING",
         },
+        returning: Some(Returning {
+            columns: "id",
+            params: &[0],
+        }),
     };
     let inserted = for_rows(
         transaction,
@@ -949,6 +987,7 @@ static LINKS: Repeated<'static> = Repeated {
     head: "INSERT INTO links (entity_type, entity_id, system, kind, remote_id, linked_at)",
     row: "(?, ?, 'hana', ?, ?, ?)",
     tail: "ON CONFLICT DO NOTHING",
+    returning: None,
 };
 
 /// A job to record.
@@ -992,6 +1031,7 @@ static JOBS: Repeated<'static> = Repeated {
            next_attempt_at, created_at, updated_at, state, attempts, last_error)",
     row: "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, '')",
     tail: "",
+    returning: None,
 };
 
 /// The inserts that nothing later in a group reads: calls kept in quarantine, Hana
@@ -1056,7 +1096,8 @@ impl<'a> Tail<'a> {
                         .collect();
                     format!("WITH {} {last}", parts.join(", "))
                 };
-                transaction.execute(&text, &params).await
+                transaction.execute(&text, &params).await?;
+                Ok(())
             }
         }
     }
@@ -1080,7 +1121,11 @@ mod tests {
     static EVENTS: Repeated<'static> = Repeated {
         head: "INSERT INTO events (id, source, raw_body, received_at)",
         row: "(?, 'hana', ?, ?)",
-        tail: "ON CONFLICT DO NOTHING RETURNING id",
+        tail: "ON CONFLICT DO NOTHING",
+        returning: Some(Returning {
+            columns: "id",
+            params: &[0],
+        }),
     };
 
     /// Params of `rows` event rows, as `for_rows` collects them.
@@ -1098,10 +1143,11 @@ mod tests {
 
     #[test]
     fn sqlite_writes_a_row_per_statement() {
+        // Without `RETURNING`: what SQLite returns comes from the row's parameters.
         assert_eq!(
             Sql::one_row(&EVENTS),
             "INSERT INTO events (id, source, raw_body, received_at) VALUES (?, 'hana', ?, ?) \
-             ON CONFLICT DO NOTHING RETURNING id"
+             ON CONFLICT DO NOTHING"
         );
         assert_eq!(
             Sql(Backend::Sqlite).lookup(&Lookup {
@@ -1110,6 +1156,43 @@ mod tests {
             }),
             "SELECT id FROM leads WHERE source_key IN (?)"
         );
+    }
+
+    /// SQLite returns the parameters of the rows its statements wrote, and nothing of a row that
+    /// conflicted with one already stored.
+    #[tokio::test]
+    async fn sqlite_returns_the_rows_it_wrote() -> Result<(), Box<dyn std::error::Error>> {
+        let mut connection = rusqlite::Connection::open_in_memory()?;
+        connection.execute_batch(
+            "CREATE TABLE events (id TEXT PRIMARY KEY, source TEXT NOT NULL, raw_body BLOB, \
+             received_at INTEGER); INSERT INTO events VALUES ('evt_2', 'hana', x'', 0);",
+        )?;
+        let ids = ["evt_1", "evt_2", "evt_3"];
+        let returned = for_rows(
+            &mut super::super::sql::SqliteTransaction(&mut connection),
+            Sql(Backend::Sqlite),
+            &EVENTS,
+            &ids,
+            &[Column::Text],
+            |id, params| {
+                params.extend([
+                    Param::Text(id),
+                    Param::Blob(b"{}"),
+                    Param::OptionalInt(None),
+                ]);
+            },
+        )
+        .await?;
+        let returned: Vec<String> = returned
+            .into_iter()
+            .flatten()
+            .map(Cell::into_text)
+            .collect();
+        assert_eq!(returned, ["evt_1", "evt_3"]);
+        let stored: i64 =
+            connection.query_row("SELECT count(*) FROM events", [], |row| row.get(0))?;
+        assert_eq!(stored, 3);
+        Ok(())
     }
 
     /// Postgres keeps a statement prepared only while its text repeats: a group of any size must
@@ -1147,9 +1230,9 @@ mod tests {
     }
 
     impl GroupTransaction for Recorded {
-        async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), IngestError> {
+        async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, IngestError> {
             self.statements.push((sql.to_owned(), params.len()));
-            Ok(())
+            Ok(1)
         }
 
         async fn fetch(

@@ -58,6 +58,23 @@ impl<'a> Param<'a> {
         true
     }
 
+    /// The value as a statement would return it; `None` for a number, a missing value or an
+    /// array.
+    pub(super) fn returned(&self) -> Option<Cell> {
+        match self {
+            Self::Text(text) | Self::OptionalText(Some(text)) => {
+                Some(Cell::Text((*text).to_owned()))
+            }
+            Self::Blob(bytes) => Some(Cell::Blob(bytes.to_vec())),
+            Self::OptionalText(None)
+            | Self::Int(_)
+            | Self::OptionalInt(_)
+            | Self::TextArray(_)
+            | Self::BlobArray(_)
+            | Self::IntArray(_) => None,
+        }
+    }
+
     /// The Postgres type of an array column; `None` for a value.
     pub(super) fn array_type(&self) -> Option<&'static str> {
         match self {
@@ -107,12 +124,12 @@ impl Cell {
 
 /// An open transaction the group logic writes through.
 pub(super) trait GroupTransaction: Send {
-    /// Runs a statement that returns nothing.
+    /// Runs a statement that returns nothing; returns how many rows it changed.
     fn execute(
         &mut self,
         sql: &str,
         params: &[Param<'_>],
-    ) -> impl Future<Output = Result<(), IngestError>> + Send;
+    ) -> impl Future<Output = Result<u64, IngestError>> + Send;
 
     /// Runs a statement and returns its rows, each with `columns.len()` cells.
     fn fetch(
@@ -161,11 +178,11 @@ fn postgres_cells(row: &PgRow, columns: &[Column]) -> Result<Vec<Cell>, sqlx::Er
 }
 
 impl GroupTransaction for PostgresTransaction<'_> {
-    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), IngestError> {
-        bind_all(sqlx::query(sql), params)
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, IngestError> {
+        let done = bind_all(sqlx::query(sql), params)
             .execute(&mut *self.0)
             .await?;
-        Ok(())
+        Ok(done.rows_affected())
     }
 
     async fn fetch(
@@ -250,9 +267,9 @@ impl SqliteTransaction<'_> {
 }
 
 impl GroupTransaction for SqliteTransaction<'_> {
-    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), IngestError> {
-        self.statement(sql, params)?.raw_execute()?;
-        Ok(())
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, IngestError> {
+        let changed = self.statement(sql, params)?.raw_execute()?;
+        Ok(u64::try_from(changed).unwrap_or(u64::MAX))
     }
 
     async fn fetch(
