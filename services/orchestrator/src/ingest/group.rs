@@ -211,7 +211,9 @@ where
                         .iter()
                         .map(|&position| row.get(position).and_then(Param::returned))
                         .collect::<Option<Vec<Cell>>>()
-                        .ok_or_else(|| misaligned("a returned column that is no text parameter"))?;
+                        .ok_or_else(|| {
+                            misaligned("a returned column whose parameter is a number or missing")
+                        })?;
                     returned.push(cells);
                 }
             }
