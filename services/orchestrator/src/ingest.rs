@@ -482,7 +482,7 @@ impl SqliteCommitter {
         connection.set_prepared_statement_cache_capacity(SQLITE_STATEMENT_CACHE);
         let checkpoints = checkpoint::Checkpoints::start(path, &connection)?;
         let (durable, committed) = std::sync::mpsc::channel();
-        let log = WriteAheadLog::of(path);
+        let mut log = WriteAheadLog::of(path);
         std::thread::Builder::new()
             .name("sqlite-sync".to_owned())
             .spawn(move || log.sync_then_answer(&committed))
@@ -537,6 +537,30 @@ impl Committer for SqliteCommitter {
 struct WriteAheadLog {
     path: std::path::PathBuf,
     folder: Option<std::path::PathBuf>,
+    /// The handle the log is synced through, kept open from one fsync to the next (see
+    /// [`WriteAheadLog::sync`]).
+    open: Option<OpenLog>,
+}
+
+/// The log file as opened, and which file that was.
+struct OpenLog {
+    file: std::fs::File,
+    identity: Option<FileIdentity>,
+}
+
+/// What tells one file from another that took its name: device and inode.
+type FileIdentity = (u64, u64);
+
+#[cfg(unix)]
+fn file_identity(metadata: &std::fs::Metadata) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt as _;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+/// Without an identity the log is opened again for every fsync.
+#[cfg(not(unix))]
+fn file_identity(_: &std::fs::Metadata) -> Option<FileIdentity> {
+    None
 }
 
 /// A file SQLite keeps beside `database`: its name with `suffix` (`-wal`, `-shm`) appended.
@@ -551,6 +575,7 @@ impl WriteAheadLog {
         Self {
             path: sqlite_sibling(database, "-wal"),
             folder: database.parent().map(std::path::Path::to_path_buf),
+            open: None,
         }
     }
 
@@ -562,7 +587,7 @@ impl WriteAheadLog {
     /// so a later success proves nothing: the thread answers the calls it holds with the error
     /// and stops, and every later call is refused until the orchestrator restarts and SQLite
     /// recovers from what is really on disk.
-    fn sync_then_answer(&self, committed: &std::sync::mpsc::Receiver<Committed>) {
+    fn sync_then_answer(&mut self, committed: &std::sync::mpsc::Receiver<Committed>) {
         let mut folder_synced = false;
         while let Ok(first) = committed.recv() {
             let mut groups = vec![first];
@@ -609,10 +634,27 @@ impl WriteAheadLog {
         }
     }
 
-    fn sync(&self, folder_synced: &mut bool) -> std::io::Result<()> {
-        // Opened for each fsync: SQLite may replace the file, and fsync covers every write made
-        // through any handle of the file.
-        std::fs::File::open(&self.path)?.sync_data()?;
+    /// Makes every write to the log so far durable. An fsync covers the writes made through any
+    /// handle of the file, SQLite's included.
+    ///
+    /// The handle stays open between fsyncs, because Linux reports a failed write-back only to
+    /// the handles that were open when it failed, and to one opened later only until some handle
+    /// has reported it. SQLite syncs the log through its own handle before every checkpoint; a
+    /// handle opened for each fsync would miss a failure the checkpoint had already reported,
+    /// and acknowledge calls whose pages were lost. The file's identity is checked each time, so
+    /// that a log replaced under the same name is opened anew.
+    fn sync(&mut self, folder_synced: &mut bool) -> std::io::Result<()> {
+        let named = file_identity(&std::fs::metadata(&self.path)?);
+        let open = match self.open.take() {
+            Some(open) if named.is_some() && open.identity == named => open,
+            _ => {
+                let file = std::fs::File::open(&self.path)?;
+                let identity = file_identity(&file.metadata()?);
+                OpenLog { file, identity }
+            }
+        };
+        let open = self.open.insert(open);
+        open.file.sync_data()?;
         // The log's name in its folder must be durable too; once is enough.
         if !*folder_synced {
             if let Some(folder) = &self.folder
@@ -961,7 +1003,7 @@ mod tests {
         std::fs::write(folder.path().join("store.db-wal"), b"frames").expect("write the log");
         let (durable, committed) = std::sync::mpsc::channel();
         let syncer = std::thread::spawn({
-            let log = WriteAheadLog::of(&database);
+            let mut log = WriteAheadLog::of(&database);
             move || log.sync_then_answer(&committed)
         });
         let (reply, answer) = oneshot::channel();
@@ -979,11 +1021,52 @@ mod tests {
         syncer.join().expect("the sync thread stops with its queue");
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn the_log_is_synced_through_one_kept_handle_until_another_file_takes_its_name() {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let wal = folder.path().join("store.db-wal");
+        std::fs::write(&wal, b"frames").expect("write the log");
+        let mut log = WriteAheadLog::of(&folder.path().join("store.db"));
+        let mut folder_synced = false;
+        let synced_through = |log: &WriteAheadLog| {
+            let open = log.open.as_ref().expect("a handle kept after an fsync");
+            (
+                open.file.as_raw_fd(),
+                open.file.metadata().expect("fstat").ino(),
+            )
+        };
+
+        log.sync(&mut folder_synced).expect("synced");
+        let (handle, inode) = synced_through(&log);
+        assert_eq!(inode, std::fs::metadata(&wal).expect("stat").ino());
+        // A handle opened and closed for this fsync would not be there to compare with.
+        log.sync(&mut folder_synced).expect("synced again");
+        assert_eq!(synced_through(&log), (handle, inode), "the same handle");
+
+        // Another file under the log's name: renamed over it, so the inode is sure to differ.
+        let replacement = folder.path().join("replacement");
+        std::fs::write(&replacement, b"other frames").expect("write the other log");
+        let replaced = std::fs::metadata(&replacement).expect("stat").ino();
+        std::fs::rename(&replacement, &wal).expect("replace the log");
+        log.sync(&mut folder_synced)
+            .expect("synced after the replacement");
+        assert_ne!(replaced, inode);
+        assert_eq!(
+            synced_through(&log).1,
+            replaced,
+            "the file now under the name"
+        );
+    }
+
     #[test]
     fn a_failed_sync_answers_with_the_error_and_refuses_every_later_call() {
         let folder = tempfile::tempdir().expect("temporary folder");
         // No log file: the fsync cannot even open it.
-        let log = WriteAheadLog::of(&folder.path().join("missing.db"));
+        let mut log = WriteAheadLog::of(&folder.path().join("missing.db"));
         let (durable, committed) = std::sync::mpsc::channel();
         let syncer = std::thread::spawn(move || log.sync_then_answer(&committed));
         let (reply, answer) = oneshot::channel();
