@@ -18,6 +18,7 @@
 //! | `leadrelay_ingest_writer_busy_seconds_total` | counter | `engine` |
 //! | `leadrelay_ingest_log_sync_seconds` | histogram | `engine` (sqlite) |
 //! | `leadrelay_ingest_log_bytes_total` | counter | `engine` (sqlite) |
+//! | `leadrelay_ingest_checkpoint_sync_seconds` | histogram | `engine` (sqlite) |
 //! | `leadrelay_ingest_call_seconds` | histogram, one sample per webhook call and stage | `engine`, `stage` (queued, group, sync) |
 
 use std::{
@@ -66,6 +67,7 @@ pub struct Metrics {
     /// exports them).
     ingest_log_sync_totals: Family<Labels, TimeTotals>,
     ingest_log_bytes: Family<Labels, Counter>,
+    ingest_checkpoint_sync: HistogramFamily,
     ingest_call_time: HistogramFamily,
     /// The same samples' count and time, for [`Metrics::ingest_writer_totals`]. Not registered.
     ingest_call_totals: Family<Labels, TimeTotals>,
@@ -306,6 +308,13 @@ impl Metrics {
             "Bytes the ingest writer's commits appended to the SQLite write-ahead log (whole pages, each with its frame header), which the fsyncs write and the checkpoints copy; divided by the webhooks stored, the disk write each webhook costs",
             ingest_log_bytes.clone(),
         );
+        let ingest_checkpoint_sync =
+            HistogramFamily::new_with_constructor(sync_buckets as fn() -> Histogram);
+        registry.register(
+            "ingest_checkpoint_sync_seconds",
+            "Time of one fsync of the SQLite database after the checkpoint thread copied a pass of the write-ahead log into it: the fsync of the log, which every acknowledgement waits for, queues behind it on the same disk",
+            ingest_checkpoint_sync.clone(),
+        );
         let ingest_call_time =
             HistogramFamily::new_with_constructor(sync_buckets as fn() -> Histogram);
         registry.register(
@@ -332,6 +341,7 @@ impl Metrics {
             ingest_log_sync,
             ingest_log_sync_totals: Family::default(),
             ingest_log_bytes,
+            ingest_checkpoint_sync,
             ingest_call_time,
             ingest_call_totals: Family::default(),
         }
@@ -364,6 +374,14 @@ impl Metrics {
         self.ingest_log_bytes
             .get_or_create(&labels(&[("engine", engine)]))
             .inc_by(bytes);
+    }
+
+    /// The checkpoint thread of `engine` fsynced the database in `elapsed`, after copying a pass
+    /// of the write-ahead log into it.
+    pub fn ingest_checkpoint_synced(&self, engine: &str, elapsed: Duration) {
+        self.ingest_checkpoint_sync
+            .get_or_create(&labels(&[("engine", engine)]))
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Calls of the ingest writer on `engine` spent `times` in `stage`, one per call.
@@ -565,6 +583,7 @@ mod tests {
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
         metrics.ingest_log_written("sqlite", 41_200);
+        metrics.ingest_checkpoint_synced("sqlite", Duration::from_millis(12));
         metrics.ingest_calls(
             "sqlite",
             IngestStage::Queued,
@@ -588,6 +607,7 @@ mod tests {
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0004",engine="sqlite"} 0"#,
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0008",engine="sqlite"} 1"#,
             r#"leadrelay_ingest_log_bytes_total{engine="sqlite"} 41200"#,
+            r#"leadrelay_ingest_checkpoint_sync_seconds_bucket{le="0.0128",engine="sqlite"} 1"#,
             r#"leadrelay_ingest_call_seconds_bucket{le="0.0004",engine="sqlite",stage="queued"} 1"#,
             r#"leadrelay_ingest_call_seconds_bucket{le="0.0016",engine="sqlite",stage="queued"} 2"#,
             r#"leadrelay_ingest_call_seconds_count{engine="sqlite",stage="group"} 2"#,
@@ -642,6 +662,7 @@ mod tests {
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
         metrics.ingest_log_written("sqlite", 41_200);
+        metrics.ingest_checkpoint_synced("sqlite", Duration::from_millis(12));
         metrics.ingest_calls("sqlite", IngestStage::Queued, [Duration::from_micros(300)]);
         let exist = sample_names(&metrics.render().await);
 

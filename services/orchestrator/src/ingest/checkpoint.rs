@@ -52,7 +52,7 @@ use std::{
 };
 
 use super::sql::SqliteError;
-use crate::store::StoreError;
+use crate::store::{Backend, StoreError};
 
 /// Log frames (pages) at which the log is copied and starts over: 64 MiB of 4 KiB pages.
 const LOG_LAP_FRAMES: u32 = 16 * 1024;
@@ -384,12 +384,8 @@ fn copy_log_when_full(
         match log.fill() {
             Ok(fill) if fill.thread_copies() => match passive_checkpoint(connection) {
                 Ok(Checkpoint::Ran) => {
-                    if let Some(Err(error)) = database.map(File::sync_data) {
-                        tracing::warn!(
-                            %error,
-                            "fsync of the SQLite database after a checkpoint failed; the log \
-                             keeps every page until a checkpoint's own fsync succeeds"
-                        );
+                    if let Some(database) = database {
+                        sync_copied_pages(database);
                     }
                 }
                 Ok(Checkpoint::Busy) => {}
@@ -401,6 +397,20 @@ fn copy_log_when_full(
             // The writer hears it too, and takes checkpoints back.
             Err(_) => return,
         }
+    }
+}
+
+/// Fsyncs `database` after a pass; the time goes to the metrics.
+fn sync_copied_pages(database: &File) {
+    let started = std::time::Instant::now();
+    match database.sync_data() {
+        Ok(()) => leadrelay_runtime::metrics::metrics()
+            .ingest_checkpoint_synced(Backend::Sqlite.name(), started.elapsed()),
+        Err(error) => tracing::warn!(
+            %error,
+            "fsync of the SQLite database after a checkpoint failed; the log keeps every page \
+             until a checkpoint's own fsync succeeds"
+        ),
     }
 }
 
@@ -417,6 +427,22 @@ mod tests {
              CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
         )?;
         Ok(writer)
+    }
+
+    /// The fsyncs of the database after a pass counted in the process's metrics so far.
+    fn checkpoint_syncs() -> Result<u64, Box<dyn std::error::Error>> {
+        let text = tokio::runtime::Builder::new_current_thread()
+            .build()?
+            .block_on(leadrelay_runtime::metrics::metrics().render());
+        let count = text
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(
+                    "leadrelay_ingest_checkpoint_sync_seconds_count{engine=\"sqlite\"} ",
+                )
+            })
+            .map_or(Ok(0), str::parse)?;
+        Ok(count)
     }
 
     /// Commits `transactions` transactions of 16 rows of 2 KiB, as the writer does; returns the
@@ -514,15 +540,17 @@ mod tests {
         assert!(matches!(checkpoints, Checkpoints::Beside { .. }));
         let log = WalIndex::open(&database)?;
         let migrated = std::fs::metadata(&database)?.len();
+        let syncs_before = checkpoint_syncs()?;
 
         // A page per row (two 2 KiB rows do not fit in one), 16 rows a commit: 800 commits are
-        // ~14,800 frames, below the mark. The thread copies them a pass at a time on the way,
-        // into the database file, and the log goes on growing.
+        // ~14,800 frames, below the mark. The thread copies them on the way, into the database
+        // file, whenever a pass is uncopied (how many passes depends on when it wakes), and
+        // fsyncs the database after each. The log goes on growing.
         commit_rows(&writer, &mut checkpoints, 800, || {})?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let fill = loop {
             let fill = log.fill()?;
-            if fill.copied >= 3 * LOG_PASS_FRAMES || std::time::Instant::now() >= deadline {
+            if fill.uncopied() < LOG_PASS_FRAMES || std::time::Instant::now() >= deadline {
                 break fill;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -532,12 +560,16 @@ mod tests {
             "the log started over before the mark: {fill:?}"
         );
         assert!(
-            fill.copied >= 3 * LOG_PASS_FRAMES && fill.uncopied() < LOG_PASS_FRAMES,
-            "the thread should have copied the log a pass at a time: {fill:?}"
+            fill.uncopied() < LOG_PASS_FRAMES,
+            "the thread left more than a pass uncopied: {fill:?}"
         );
         assert!(
-            std::fs::metadata(&database)?.len() >= migrated + 40 * 1024 * 1024,
+            std::fs::metadata(&database)?.len() >= migrated + 32 * 1024 * 1024,
             "the passes are not in the database file"
+        );
+        assert!(
+            checkpoint_syncs()? > syncs_before,
+            "the database was not fsynced after a pass"
         );
 
         // 3500 commits more are ~65,000 frames, four times the mark.
