@@ -16,14 +16,14 @@
 //!
 //! Within a lap the thread copies the log in passes of [`LOG_PASS_FRAMES`] pages (16 MiB), each
 //! followed by an fsync of the database file of its own. SQLite fsyncs the database only in a
-//! checkpoint that copies the log to its end, which beside a busy writer is only the writer's own
-//! at the lap's end (below). Copied in one go, a lap's pages (~16 MB in the benchmark) stayed
-//! dirty in the page cache until that fsync, which then took 47–71 ms, once a lap, on the writer,
-//! the thread every webhook waits for: the benchmark's p99 time to acknowledge was 43–67 ms, on a
-//! slow disk whose log fsyncs took ~2.3 ms. Flushed a pass at a time, each flush is smaller and
-//! off the writer (the log's fsync still queues behind it on the disk): p99 30–35 ms, webhooks/s
-//! unchanged (4,858 against 4,878 on average), ~6% more written to the disk per webhook (7
-//! alternating 8 s runs of each).
+//! checkpoint that copies the log to its end, which beside a busy writer is nearly always the
+//! writer's own at the lap's end (below). Copied in one go, a lap's pages (~16 MB in the benchmark)
+//! stayed dirty in the page cache until that fsync, which then took 47–71 ms, once a lap, on the
+//! writer, the thread every webhook waits for: the benchmark's p99 time to acknowledge was
+//! 43–67 ms, on a slow disk whose log fsyncs took ~2.3 ms. Flushed a pass at a time, each flush is
+//! smaller and off the writer (the log's fsync still queues behind it on the disk): p99 30–35 ms,
+//! webhooks/s unchanged (4,858 against 4,878 on average), ~6% more written to the disk per webhook
+//! (7 alternating 8 s runs of each).
 //!
 //! How full the log is comes from the wal-index header at the start of the `-shm` file, whose
 //! layout SQLite documents (<https://www.sqlite.org/walformat.html>, "The WAL-Index Header"):
