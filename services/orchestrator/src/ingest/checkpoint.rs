@@ -249,7 +249,8 @@ impl Checkpoints {
             }
         };
         let connection = rusqlite::Connection::open(database).map_err(SqliteError::from)?;
-        // NORMAL: a checkpoint fsyncs the log before copying it and the database after.
+        // NORMAL: a checkpoint fsyncs the log before copying it, and the database after only
+        // when it copied the log to its end (hence the fsync after each pass, below).
         connection
             .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
             .map_err(SqliteError::from)?;
