@@ -13,10 +13,13 @@
 //! engine's ingest writer, read from the process's metrics: its serial time per webhook, its busy
 //! share, the webhooks per transaction and, on SQLite, the fsync of the write-ahead log each
 //! acknowledgement waits for and how much of that log each webhook wrote. A third takes the mean
-//! time to acknowledge apart: the orchestrator's ingest stages (`leadrelay_ingest_call_seconds`:
-//! waiting for the writer, in the group until its commit, from the commit until the fsync made it
-//! durable) and the rest, which is HTTP, the gateway, the gRPC stream both ways and the
-//! orchestrator's reading and answering.
+//! time to acknowledge apart:
+//! - outside the gateway's handler (`leadrelay_webhook_ack_seconds` times the handler): the load
+//!   generator, HTTP/1 both ways and reading the body;
+//! - inside the handler but outside the orchestrator's ingest stages: parsing the body, the gRPC
+//!   stream both ways, and the orchestrator's reading, checking and answering;
+//! - the orchestrator's ingest stages (`leadrelay_ingest_call_seconds`): waiting for the writer,
+//!   in the group until its commit, and from the commit until the fsync made it durable.
 
 use std::{
     collections::HashMap,
@@ -33,7 +36,7 @@ use leadrelay_gateway::GatewayConfig;
 use leadrelay_orchestrator::{IngestPolicy, store::Backend};
 use leadrelay_runtime::{
     Settings,
-    metrics::{IngestWriterTotals, metrics},
+    metrics::{IngestWriterTotals, WebhookAckTotals, metrics},
 };
 use leadrelay_testkit::TestDatabase;
 use tokio::net::TcpListener;
@@ -59,6 +62,8 @@ struct Measurement {
     cpu: Option<Duration>,
     /// What the ingest writer did meanwhile; zero for the bare endpoint.
     writer: IngestWriterTotals,
+    /// The gateway's answers meanwhile, timed in its handler; zero for the bare endpoint.
+    gateway: WebhookAckTotals,
 }
 
 impl Measurement {
@@ -124,6 +129,15 @@ impl Measurement {
             queued: per_call(self.writer.queued_seconds, self.writer.calls),
             group: per_call(self.writer.group_seconds, self.writer.calls),
             sync: per_call(self.writer.sync_seconds, self.writer.synced_calls),
+        }
+    }
+
+    /// The mean time from the gateway's handler starting on a webhook (its body read) to its
+    /// answer, in milliseconds.
+    fn gateway_ms(&self) -> f64 {
+        match self.gateway.answered {
+            0 => 0.0,
+            answered => self.gateway.seconds * 1e3 / answered as f64,
         }
     }
 
@@ -262,6 +276,7 @@ async fn load(
         latencies_us,
         cpu,
         writer: IngestWriterTotals::default(),
+        gateway: WebhookAckTotals::default(),
     })
 }
 
@@ -359,12 +374,17 @@ impl Target {
     }
 
     async fn measure_round(&mut self, connections: usize, duration: Duration) -> Result<(), Error> {
-        let writer_before = self
-            .engine
-            .map(|engine| metrics().ingest_writer_totals(engine));
+        let before = self.engine.map(|engine| {
+            (
+                metrics().ingest_writer_totals(engine),
+                metrics().webhook_ack_totals("hana"),
+            )
+        });
         let round = load(&self.url, connections, duration, self.sequence.clone()).await?;
-        if let (Some(engine), Some(before)) = (self.engine, writer_before) {
-            self.measured.writer += metrics().ingest_writer_totals(engine) - before;
+        // Targets take turns, so what the gateway answered meanwhile was this target's.
+        if let (Some(engine), Some((writer, gateway))) = (self.engine, before) {
+            self.measured.writer += metrics().ingest_writer_totals(engine) - writer;
+            self.measured.gateway += metrics().webhook_ack_totals("hana") - gateway;
         }
         if let Some(spent) = round.cpu {
             self.measured.cpu = Some(self.measured.cpu.unwrap_or_default() + spent);
@@ -521,26 +541,36 @@ async fn main() -> Result<(), Error> {
             log_kib
         );
     }
-    // The time to acknowledge, taken apart: the orchestrator's stages, from its metrics, and the
-    // rest, which is HTTP, the gateway and the gRPC stream both ways.
+    // The time to acknowledge, taken apart: outside the gateway's handler (the load generator,
+    // HTTP/1 both ways, reading the body), inside it but outside the orchestrator's ingest stages
+    // (parsing, the gRPC stream both ways, the orchestrator's reading and answering), and those
+    // stages, from the metrics.
     println!();
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>24}",
-        "mean ms per webhook", "ack", "queued", "in group", "to fsync", "rest: HTTP, gRPC, hops"
+        "{:<34} {:>8} {:>14} {:>14} {:>8} {:>9} {:>9}",
+        "mean ms per webhook",
+        "ack",
+        "client, HTTP",
+        "gateway, gRPC",
+        "queued",
+        "in group",
+        "to fsync"
     );
     for target in others.iter() {
         let measured = &target.measured;
         let ack = measured.mean_ms();
+        let gateway = measured.gateway_ms();
         let stages = measured.stages_ms();
         let sync = (measured.writer.synced_calls > 0).then_some(stages.sync);
         println!(
-            "{:<34} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>24.2}",
+            "{:<34} {:>8.2} {:>14.2} {:>14.2} {:>8.2} {:>9.2} {:>9}",
             target.label,
             ack,
+            ack - gateway,
+            gateway - stages.queued - stages.group - stages.sync,
             stages.queued,
             stages.group,
             sync.map_or_else(|| "—".to_owned(), |ms| format!("{ms:.2}")),
-            ack - stages.queued - stages.group - stages.sync
         );
     }
     shutdown.cancel();

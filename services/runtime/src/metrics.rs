@@ -71,6 +71,9 @@ pub struct Metrics {
     ingest_call_time: HistogramFamily,
     /// The same samples' count and time, for [`Metrics::ingest_writer_totals`]. Not registered.
     ingest_call_totals: Family<Labels, TimeTotals>,
+    /// The count and time of the answers `webhook_ack` counts, for
+    /// [`Metrics::webhook_ack_totals`]. Not registered.
+    webhook_ack_totals: Family<Labels, TimeTotals>,
 }
 
 /// A stage of a Hana webhook call's way through the orchestrator's ingest, one after the other:
@@ -178,6 +181,34 @@ impl std::ops::AddAssign for IngestWriterTotals {
         self.group_seconds += more.group_seconds;
         self.sync_seconds += more.sync_seconds;
         self.synced_calls += more.synced_calls;
+    }
+}
+
+/// The gateway's answers to one source's webhooks: how many, and their time in the handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WebhookAckTotals {
+    /// Webhooks answered, whatever the answer.
+    pub answered: u64,
+    /// Time from each handler's start to its answer, summed.
+    pub seconds: f64,
+}
+
+impl std::ops::Sub for WebhookAckTotals {
+    type Output = Self;
+
+    /// What was answered between two readings.
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            answered: self.answered - earlier.answered,
+            seconds: self.seconds - earlier.seconds,
+        }
+    }
+}
+
+impl std::ops::AddAssign for WebhookAckTotals {
+    fn add_assign(&mut self, more: Self) {
+        self.answered += more.answered;
+        self.seconds += more.seconds;
     }
 }
 
@@ -344,6 +375,7 @@ impl Metrics {
             ingest_checkpoint_sync,
             ingest_call_time,
             ingest_call_totals: Family::default(),
+            webhook_ack_totals: Family::default(),
         }
     }
 
@@ -405,9 +437,22 @@ impl Metrics {
         self.webhooks
             .get_or_create(&labels(&[("source", source), ("outcome", outcome)]))
             .inc();
+        let source = labels(&[("source", source)]);
         self.webhook_ack
-            .get_or_create(&labels(&[("source", source)]))
+            .get_or_create(&source)
             .observe(elapsed.as_secs_f64());
+        self.webhook_ack_totals.get_or_create(&source).add(elapsed);
+    }
+
+    /// How many webhooks from `source` the gateway answered since the process started, and the
+    /// time they took from the handler's start (the body read) to the answer.
+    pub fn webhook_ack_totals(&self, source: &str) -> WebhookAckTotals {
+        self.webhook_ack_totals
+            .get(&labels(&[("source", source)]))
+            .map_or_else(WebhookAckTotals::default, |totals| WebhookAckTotals {
+                answered: totals.count.get(),
+                seconds: totals.seconds.get(),
+            })
     }
 
     /// Replaces the job counts with `counts` of (target, state, count): a state no job is in any
@@ -634,6 +679,24 @@ mod tests {
             metrics.ingest_writer_totals("postgres"),
             IngestWriterTotals::default()
         );
+        assert_eq!(
+            metrics.webhook_ack_totals("hana"),
+            WebhookAckTotals {
+                answered: 1,
+                seconds: 0.003,
+            }
+        );
+        assert_eq!(
+            metrics.webhook_ack_totals("pipedrive"),
+            WebhookAckTotals::default()
+        );
+        let answered_before = metrics.webhook_ack_totals("hana");
+        metrics.webhook("hana", "duplicate", Duration::from_millis(5));
+        metrics.webhook("hana", "unauthorized", Duration::from_millis(1));
+        let mut answered = WebhookAckTotals::default();
+        answered += metrics.webhook_ack_totals("hana") - answered_before;
+        assert_eq!(answered.answered, 2);
+        assert!((answered.seconds - 0.006).abs() < 1e-9, "{answered:?}");
         let before = metrics.ingest_writer_totals("sqlite");
         metrics.ingest_group("sqlite", 5, Duration::from_millis(50));
         metrics.ingest_log_synced("sqlite", Duration::from_millis(2));
