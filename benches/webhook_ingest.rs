@@ -121,10 +121,6 @@ impl Measurement {
 
     /// The mean time per webhook in each of the orchestrator's ingest stages, in milliseconds.
     fn stages_ms(&self) -> StagesMs {
-        let per_call = |seconds: f64, calls: u64| match calls {
-            0 => 0.0,
-            calls => seconds * 1e3 / calls as f64,
-        };
         StagesMs {
             queued: per_call(self.writer.queued_seconds, self.writer.calls),
             group: per_call(self.writer.group_seconds, self.writer.calls),
@@ -135,10 +131,7 @@ impl Measurement {
     /// The mean time from the gateway's handler starting on a webhook (its body read) to its
     /// answer, in milliseconds.
     fn gateway_ms(&self) -> f64 {
-        match self.gateway.answered {
-            0 => 0.0,
-            answered => self.gateway.seconds * 1e3 / answered as f64,
-        }
+        per_call(self.gateway.seconds, self.gateway.answered)
     }
 
     fn mean_ms(&self) -> f64 {
@@ -152,6 +145,14 @@ impl Measurement {
         }
         let rank = ((self.latencies_us.len() as f64 - 1.0) * percentile).round() as usize;
         f64::from(self.latencies_us[rank]) / 1000.0
+    }
+}
+
+/// `seconds` summed over `calls`, as milliseconds per call; 0 without calls.
+fn per_call(seconds: f64, calls: u64) -> f64 {
+    match calls {
+        0 => 0.0,
+        calls => seconds * 1e3 / calls as f64,
     }
 }
 
