@@ -160,6 +160,21 @@ async fn the_counters_move_with_webhooks_jobs_and_crm_calls() -> TestResult {
         0.0,
         "{log_bytes} bytes are not whole frames"
     );
+    // The log is at least as long as what the writer appended to it (the job runner appends
+    // too), far from the length at which it starts over.
+    let log_length = value(
+        &after,
+        r#"leadrelay_ingest_log_length_bytes{engine="sqlite"}"#,
+    );
+    assert!(
+        log_length >= log_bytes && log_length < 64.0 * 1024.0 * 1024.0,
+        "a log of {log_length} bytes after {log_bytes} appended by the writer"
+    );
+    assert_eq!(
+        log_length % 4120.0,
+        0.0,
+        "{log_length} bytes are not whole frames"
+    );
     assert_eq!(
         value(
             &after,

@@ -527,8 +527,13 @@ impl Committer for SqliteCommitter {
         });
         // After the answers are on their way: a checkpoint the writer has to run itself delays
         // the next group, not this one.
-        if let Some(bytes) = self.checkpoints.after_commit(&self.connection) {
-            leadrelay_runtime::metrics::metrics().ingest_log_written(Backend::Sqlite.name(), bytes);
+        if let Some(written) = self.checkpoints.after_commit(&self.connection) {
+            let (metrics, engine) = (
+                leadrelay_runtime::metrics::metrics(),
+                Backend::Sqlite.name(),
+            );
+            metrics.ingest_log_written(engine, written.appended);
+            metrics.ingest_log_length(engine, written.length);
         }
     }
 }

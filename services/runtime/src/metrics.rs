@@ -18,6 +18,8 @@
 //! | `leadrelay_ingest_writer_busy_seconds_total` | counter | `engine` |
 //! | `leadrelay_ingest_log_sync_seconds` | histogram | `engine` (sqlite) |
 //! | `leadrelay_ingest_log_bytes_total` | counter | `engine` (sqlite) |
+//! | `leadrelay_ingest_log_length_bytes` | gauge, at the writer's last commit | `engine` (sqlite) |
+//! | `leadrelay_ingest_checkpoint_failures_total` | counter | `engine` (sqlite) |
 //! | `leadrelay_ingest_checkpoint_sync_seconds` | histogram | `engine` (sqlite) |
 //! | `leadrelay_ingest_call_seconds` | histogram, one sample per webhook call and stage | `engine`, `stage` (queued, group, sync) |
 
@@ -67,6 +69,8 @@ pub struct Metrics {
     /// exports them).
     ingest_log_sync_totals: Family<Labels, TimeTotals>,
     ingest_log_bytes: Family<Labels, Counter>,
+    ingest_log_length: Family<Labels, Gauge>,
+    ingest_checkpoint_failures: Family<Labels, Counter>,
     ingest_checkpoint_sync: HistogramFamily,
     ingest_call_time: HistogramFamily,
     /// The same samples' count and time, for [`Metrics::ingest_writer_totals`]. Not registered.
@@ -339,6 +343,18 @@ impl Metrics {
             "Bytes the ingest writer's commits appended to the SQLite write-ahead log (whole pages, each with its frame header), which the fsyncs write and the checkpoints copy; divided by the webhooks stored, the disk write each webhook costs",
             ingest_log_bytes.clone(),
         );
+        let ingest_log_length = Family::<Labels, Gauge>::default();
+        registry.register(
+            "ingest_log_length_bytes",
+            "Length of the SQLite write-ahead log at the ingest writer's last commit, counted from where it last started over; it starts over about every 64 MiB. Past ~100 MiB something keeps it from starting over and it grows until the disk is full: a connection holding a read transaction open (an sqlite3 shell left in one, a backup tool), or checkpoints failing",
+            ingest_log_length.clone(),
+        );
+        let ingest_checkpoint_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "ingest_checkpoint_failures",
+            "Checkpoints of the SQLite write-ahead log, or fsyncs of the database after one, that failed; the log keeps every page they did not copy, and the next checkpoint tries again",
+            ingest_checkpoint_failures.clone(),
+        );
         let ingest_checkpoint_sync =
             HistogramFamily::new_with_constructor(sync_buckets as fn() -> Histogram);
         registry.register(
@@ -372,6 +388,8 @@ impl Metrics {
             ingest_log_sync,
             ingest_log_sync_totals: Family::default(),
             ingest_log_bytes,
+            ingest_log_length,
+            ingest_checkpoint_failures,
             ingest_checkpoint_sync,
             ingest_call_time,
             ingest_call_totals: Family::default(),
@@ -406,6 +424,21 @@ impl Metrics {
         self.ingest_log_bytes
             .get_or_create(&labels(&[("engine", engine)]))
             .inc_by(bytes);
+    }
+
+    /// The write-ahead log of `engine` was `bytes` long after the ingest writer's last commit.
+    pub fn ingest_log_length(&self, engine: &str, bytes: u64) {
+        self.ingest_log_length
+            .get_or_create(&labels(&[("engine", engine)]))
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A checkpoint of the write-ahead log of `engine`, or the fsync of the database after one,
+    /// failed.
+    pub fn ingest_checkpoint_failed(&self, engine: &str) {
+        self.ingest_checkpoint_failures
+            .get_or_create(&labels(&[("engine", engine)]))
+            .inc();
     }
 
     /// The checkpoint thread of `engine` fsynced the database in `elapsed`, after copying a pass
@@ -628,6 +661,11 @@ mod tests {
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
         metrics.ingest_log_written("sqlite", 41_200);
+        // The length is the last one reported, not a sum.
+        metrics.ingest_log_length("sqlite", 70_000_000);
+        metrics.ingest_log_length("sqlite", 41_200);
+        metrics.ingest_checkpoint_failed("sqlite");
+        metrics.ingest_checkpoint_failed("sqlite");
         metrics.ingest_checkpoint_synced("sqlite", Duration::from_millis(12));
         metrics.ingest_calls(
             "sqlite",
@@ -652,6 +690,8 @@ mod tests {
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0004",engine="sqlite"} 0"#,
             r#"leadrelay_ingest_log_sync_seconds_bucket{le="0.0008",engine="sqlite"} 1"#,
             r#"leadrelay_ingest_log_bytes_total{engine="sqlite"} 41200"#,
+            r#"leadrelay_ingest_log_length_bytes{engine="sqlite"} 41200"#,
+            r#"leadrelay_ingest_checkpoint_failures_total{engine="sqlite"} 2"#,
             r#"leadrelay_ingest_checkpoint_sync_seconds_bucket{le="0.0128",engine="sqlite"} 1"#,
             r#"leadrelay_ingest_call_seconds_bucket{le="0.0004",engine="sqlite",stage="queued"} 1"#,
             r#"leadrelay_ingest_call_seconds_bucket{le="0.0016",engine="sqlite",stage="queued"} 2"#,
@@ -725,6 +765,8 @@ mod tests {
         metrics.ingest_group("sqlite", 19, Duration::from_millis(250));
         metrics.ingest_log_synced("sqlite", Duration::from_micros(500));
         metrics.ingest_log_written("sqlite", 41_200);
+        metrics.ingest_log_length("sqlite", 41_200);
+        metrics.ingest_checkpoint_failed("sqlite");
         metrics.ingest_checkpoint_synced("sqlite", Duration::from_millis(12));
         metrics.ingest_calls("sqlite", IngestStage::Queued, [Duration::from_micros(300)]);
         let exist = sample_names(&metrics.render().await);

@@ -285,9 +285,9 @@ impl Checkpoints {
         })
     }
 
-    /// Called by the writer after each commit, with no transaction open; returns the bytes the
-    /// commit appended to the log, `None` when the wal-index cannot tell.
-    pub(super) fn after_commit(&mut self, writer: &rusqlite::Connection) -> Option<u64> {
+    /// Called by the writer after each commit, with no transaction open; returns what the commit
+    /// did to the log, `None` when the wal-index cannot tell.
+    pub(super) fn after_commit(&mut self, writer: &rusqlite::Connection) -> Option<LogWritten> {
         let Self::Beside {
             committed,
             log,
@@ -299,10 +299,13 @@ impl Checkpoints {
         // A full channel already holds a wake-up, which covers this commit.
         let _ = committed.try_send(());
         let header = log.header();
-        let appended = header.as_ref().ok().map(|header| {
+        let written = header.as_ref().ok().map(|header| {
             let frames = header.end().frames_since(*end);
             *end = header.end();
-            u64::from(frames) * header.frame_bytes
+            LogWritten {
+                appended: u64::from(frames) * header.frame_bytes,
+                length: u64::from(header.fill.frames) * header.frame_bytes,
+            }
         });
         match header.map(|header| header.fill) {
             Ok(fill) if fill.writer_copies() => {
@@ -323,6 +326,7 @@ impl Checkpoints {
                         Ok(Checkpoint::Ran | Checkpoint::Busy) => break,
                         Err(error) => {
                             tracing::warn!(%error, "checkpoint of the SQLite write-ahead log by the writer failed");
+                            checkpoint_failed();
                             break;
                         }
                     }
@@ -345,8 +349,17 @@ impl Checkpoints {
                 }
             }
         }
-        appended
+        written
     }
+}
+
+/// What a commit did to the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LogWritten {
+    /// The bytes it appended: whole frames, each a page and its header.
+    pub(super) appended: u64,
+    /// The log's length after it, from where the log last started over.
+    pub(super) length: u64,
 }
 
 /// What a checkpoint did.
@@ -392,6 +405,7 @@ fn copy_log_when_full(
                 Ok(Checkpoint::Busy) => {}
                 Err(error) => {
                     tracing::warn!(%error, "checkpoint of the SQLite write-ahead log failed");
+                    checkpoint_failed();
                 }
             },
             Ok(_) => {}
@@ -407,12 +421,21 @@ fn sync_copied_pages(database: &File) {
     match database.sync_data() {
         Ok(()) => leadrelay_runtime::metrics::metrics()
             .ingest_checkpoint_synced(Backend::Sqlite.name(), started.elapsed()),
-        Err(error) => tracing::warn!(
-            %error,
-            "fsync of the SQLite database after a checkpoint failed; the log keeps every page \
-             until a checkpoint's own fsync succeeds"
-        ),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "fsync of the SQLite database after a checkpoint failed; the log keeps every page \
+                 until a checkpoint's own fsync succeeds"
+            );
+            checkpoint_failed();
+        }
     }
+}
+
+/// Counts a failed checkpoint, or a failed fsync after one, for the operators' alert: the log
+/// keeps what it did not copy, and grows on while they go on failing.
+fn checkpoint_failed() {
+    leadrelay_runtime::metrics::metrics().ingest_checkpoint_failed(Backend::Sqlite.name());
 }
 
 #[cfg(test)]
@@ -430,30 +453,39 @@ mod tests {
         Ok(writer)
     }
 
-    /// The fsyncs of the database after a pass counted in the process's metrics so far.
-    fn checkpoint_syncs() -> Result<u64, Box<dyn std::error::Error>> {
+    /// A connection to `database` inside a read transaction that has read: it holds a snapshot.
+    fn reading(database: &Path) -> rusqlite::Result<rusqlite::Connection> {
+        let connection = rusqlite::Connection::open(database)?;
+        connection.execute_batch("BEGIN")?;
+        let _: i64 = connection.query_row("SELECT count(*) FROM rows", [], |row| row.get(0))?;
+        Ok(connection)
+    }
+
+    /// The sample `sample` (name and labels) in the process's metrics so far; 0 before the first.
+    fn rendered_count(sample: &str) -> Result<u64, Box<dyn std::error::Error>> {
         let text = tokio::runtime::Builder::new_current_thread()
             .build()?
             .block_on(leadrelay_runtime::metrics::metrics().render());
         let count = text
             .lines()
-            .find_map(|line| {
-                line.strip_prefix(
-                    "leadrelay_ingest_checkpoint_sync_seconds_count{engine=\"sqlite\"} ",
-                )
-            })
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
             .map_or(Ok(0), str::parse)?;
         Ok(count)
     }
 
-    /// Commits `transactions` transactions of 16 rows of 2 KiB, as the writer does; returns the
-    /// log bytes counted for each.
+    /// The fsyncs of the database after a pass counted in the process's metrics so far.
+    fn checkpoint_syncs() -> Result<u64, Box<dyn std::error::Error>> {
+        rendered_count("leadrelay_ingest_checkpoint_sync_seconds_count{engine=\"sqlite\"}")
+    }
+
+    /// Commits `transactions` transactions of 16 rows of 2 KiB, as the writer does; returns what
+    /// each did to the log, as counted.
     fn commit_rows(
         writer: &rusqlite::Connection,
         checkpoints: &mut Checkpoints,
         transactions: usize,
         mut each: impl FnMut(),
-    ) -> rusqlite::Result<Vec<Option<u64>>> {
+    ) -> rusqlite::Result<Vec<Option<LogWritten>>> {
         let mut appended = Vec::with_capacity(transactions);
         for _ in 0..transactions {
             writer.execute_batch("BEGIN IMMEDIATE")?;
@@ -622,8 +654,17 @@ mod tests {
         for _ in 0..30 {
             let before = std::fs::metadata(&wal)?.len();
             let counted = commit_rows(&writer, &mut checkpoints, 1, || {})?;
-            let grown = std::fs::metadata(&wal)?.len() - before;
-            assert_eq!(counted, [Some(grown)], "the log grew by {grown} bytes");
+            let length = std::fs::metadata(&wal)?.len();
+            let grown = length - before;
+            // The file also holds the log's 32-byte header.
+            assert_eq!(
+                counted,
+                [Some(LogWritten {
+                    appended: grown,
+                    length: length - 32
+                })],
+                "the log grew by {grown} bytes to {length}"
+            );
             assert_eq!(grown % (4096 + 24), 0, "{grown} bytes are not whole frames");
             // 16 rows of 2 KiB fill at least 8 pages.
             assert!(grown >= 8 * (4096 + 24), "{grown} bytes");
@@ -639,14 +680,85 @@ mod tests {
             first_lap.iter().min().copied().unwrap_or_default(),
             first_lap.iter().max().copied().unwrap_or_default(),
         );
-        for bytes in counted {
-            let bytes = bytes.ok_or("the wal-index could not be read")?;
+        for written in counted {
+            let bytes = written.ok_or("the wal-index could not be read")?.appended;
             // Interior pages along the path to the table's last leaf add a few frames now and then.
             assert!(
                 (fewest..=most + 8 * (4096 + 24)).contains(&bytes),
                 "a commit counted {bytes} bytes; on the first lap each counted {fewest} to {most}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_reader_holding_an_old_snapshot_keeps_the_log_growing_and_its_length_shows_it() -> TestResult
+    {
+        let folder = tempfile::tempdir()?;
+        let database = folder.path().join("log.db");
+        let writer = open_writer(&database)?;
+        let mut checkpoints = Checkpoints::start(&database, &writer)?;
+        let frame_bytes = 4096 + 24;
+        let limit = u64::from(LOG_FRAMES_LIMIT) * frame_bytes;
+
+        // A read transaction left open (an sqlite3 shell, a backup tool) pins the pages of its
+        // snapshot: no checkpoint copies past them, and the log cannot start over. ~1,700 commits
+        // of ~18 frames are ~30,000 frames, past the limit the log otherwise never passes.
+        let reader = reading(&database)?;
+        let lengths: Vec<u64> = commit_rows(&writer, &mut checkpoints, 1_700, || {})?
+            .into_iter()
+            .map(|written| written.map(|written| written.length))
+            .collect::<Option<_>>()
+            .ok_or("the wal-index could not be read")?;
+        let last = lengths.last().copied().unwrap_or_default();
+        assert!(
+            last > limit + 4 * 1024 * 1024,
+            "with a reader pinning it the log should outgrow {limit} bytes, yet is {last}"
+        );
+        assert!(
+            lengths.windows(2).all(|pair| pair[0] < pair[1]),
+            "the log started over under a reader"
+        );
+
+        // Once the reader is done the writer copies the log and it starts over.
+        reader.execute_batch("COMMIT")?;
+        let after: Vec<u64> = commit_rows(&writer, &mut checkpoints, 5, || {})?
+            .into_iter()
+            .flatten()
+            .map(|written| written.length)
+            .collect();
+        assert!(
+            after.iter().any(|length| *length < 1024 * 1024),
+            "the log did not start over once the reader was done: {after:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_checkpoint_that_fails_is_counted() -> TestResult {
+        let folder = tempfile::tempdir()?;
+        let database = folder.path().join("log.db");
+        let writer = open_writer(&database)?;
+        writer.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
+        // ~300 commits of ~18 frames leave more than a pass uncopied: the thread copies.
+        commit_rows(&writer, &mut Checkpoints::InWriter, 300, || {})?;
+        let log = WalIndex::open(&database)?;
+        assert!(log.fill()?.thread_copies(), "{:?}", log.fill()?);
+
+        // A connection inside a transaction cannot checkpoint: SQLite answers SQLITE_LOCKED.
+        let connection = reading(&database)?;
+        let failures = "leadrelay_ingest_checkpoint_failures_total{engine=\"sqlite\"}";
+        let before = rendered_count(failures)?;
+        let (commit, commits) = mpsc::sync_channel(1);
+        commit.send(())?;
+        drop(commit);
+        copy_log_when_full(&connection, &log, &commits, None);
+        assert!(
+            rendered_count(failures)? > before,
+            "the failed checkpoint was not counted"
+        );
+        // It copied nothing.
+        assert_eq!(log.fill()?.copied, 0);
         Ok(())
     }
 
