@@ -454,7 +454,7 @@ mod tests {
     }
 
     /// A connection to `database` inside a read transaction that has read: it holds a snapshot.
-    fn reading(database: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    fn holding_a_snapshot(database: &Path) -> rusqlite::Result<rusqlite::Connection> {
         let connection = rusqlite::Connection::open(database)?;
         connection.execute_batch("BEGIN")?;
         let _: i64 = connection.query_row("SELECT count(*) FROM rows", [], |row| row.get(0))?;
@@ -704,7 +704,7 @@ mod tests {
         // A read transaction left open (an sqlite3 shell, a backup tool) pins the pages of its
         // snapshot: no checkpoint copies past them, and the log cannot start over. ~1,700 commits
         // of ~18 frames are ~30,000 frames, past the limit the log otherwise never passes.
-        let reader = reading(&database)?;
+        let reader = holding_a_snapshot(&database)?;
         let lengths: Vec<u64> = commit_rows(&writer, &mut checkpoints, 1_700, || {})?
             .into_iter()
             .map(|written| written.map(|written| written.length))
@@ -746,7 +746,7 @@ mod tests {
         assert!(log.fill()?.thread_copies(), "{:?}", log.fill()?);
 
         // A connection inside a transaction cannot checkpoint: SQLite answers SQLITE_LOCKED.
-        let connection = reading(&database)?;
+        let connection = holding_a_snapshot(&database)?;
         let failures = "leadrelay_ingest_checkpoint_failures_total{engine=\"sqlite\"}";
         let before = rendered_count(failures)?;
         let (commit, commits) = mpsc::sync_channel(1);
