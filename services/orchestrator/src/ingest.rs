@@ -17,6 +17,7 @@
 mod checkpoint;
 mod content_hash;
 mod group;
+mod priority;
 mod sql;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -366,7 +367,10 @@ fn spawn_writer(
         .map_err(StoreError::Writer)?;
     std::thread::Builder::new()
         .name(format!("{engine}-writer"))
-        .spawn(move || runtime.block_on(write_groups(engine, committer, receiver)))
+        .spawn(move || {
+            priority::raise_for("writer");
+            runtime.block_on(write_groups(engine, committer, receiver))
+        })
         .map_err(StoreError::Writer)?;
     Ok(())
 }
@@ -485,7 +489,10 @@ impl SqliteCommitter {
         let mut log = WriteAheadLog::of(path);
         std::thread::Builder::new()
             .name("sqlite-sync".to_owned())
-            .spawn(move || log.sync_then_answer(&committed))
+            .spawn(move || {
+                priority::raise_for("log sync");
+                log.sync_then_answer(&committed)
+            })
             .map_err(StoreError::Writer)?;
         Ok(Self {
             connection,

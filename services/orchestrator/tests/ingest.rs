@@ -400,3 +400,82 @@ async fn postgres_writer_gives_up_a_database_that_stopped_answering() -> TestRes
     drop(relay);
     database.drop_database().await
 }
+
+/// The nice values of this process's threads named `name`, read from `/proc`.
+#[cfg(target_os = "linux")]
+fn nice_of_threads(name: &str) -> Result<Vec<i32>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut nice = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        // Fields after the name in parentheses, from the state (field 3); nice is field 19.
+        let after_name = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+        let field = after_name
+            .split(' ')
+            .nth(19 - 3)
+            .ok_or("a short stat line")?;
+        nice.push(field.parse()?);
+    }
+    Ok(nice)
+}
+
+/// The writer and the thread that fsyncs the log are serial: every webhook waits for each. They
+/// run ahead of the runtime's threads wherever the process may raise a thread's priority (root,
+/// CAP_SYS_NICE), and at the process's priority elsewhere.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_serial_ingest_threads_run_ahead_of_the_runtime_where_allowed() -> TestResult {
+    // Tried on a thread of its own, which starts at the process's priority and ends with the
+    // change.
+    let (allowed, process_nice) = std::thread::spawn(|| {
+        let process_nice = rustix::process::getpriority_process(None);
+        (
+            rustix::process::setpriority_process(None, -1).is_ok(),
+            process_nice,
+        )
+    })
+    .join()
+    .map_err(|_| "the probing thread panicked")?;
+    let expected = if allowed { -10 } else { process_nice? };
+
+    let dir = tempfile::tempdir()?;
+    let url: DatabaseUrl = format!("sqlite://{}/lr.db", dir.path().display()).parse()?;
+    let store = Store::connect(&url).await?;
+    store.migrate().await?;
+    let ingester = Ingester::start(store.clone(), IngestPolicy::default())?;
+    ingester
+        .ingest(call(HanaEventKind::LeadCreated, "lead-nice", "Nice"))
+        .await?;
+    // Other tests of this binary start writers too; each raises its own priority as it starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (writers, syncs) = (
+            nice_of_threads("sqlite-writer")?,
+            nice_of_threads("sqlite-sync")?,
+        );
+        let settled = !writers.is_empty()
+            && !syncs.is_empty()
+            && writers.iter().chain(&syncs).all(|nice| *nice == expected);
+        if settled {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers at nice {writers:?} and log syncs at {syncs:?}, expected {expected} \
+             (raising a priority is {}allowed here)",
+            if allowed { "" } else { "not " }
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(ingester);
+    store.close().await;
+    Ok(())
+}
