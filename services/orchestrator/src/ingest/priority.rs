@@ -5,11 +5,13 @@
 //! runner) share the work of many webhooks. When every core is busy, the scheduler makes a woken
 //! serial thread wait its turn behind them: in the webhook benchmark on SQLite (2 cores, 64
 //! concurrent senders), over 10 s the log's sync thread waited 1.6 s for a core against 0.55 s
-//! of CPU, about 0.8 ms per fsync, and the writer waited 1.5 s. With both at nice -10, in 6
-//! alternating 8 s runs of each: the log's fsync took 2.46 ms instead of 2.82 (as timed by the
-//! thread), 4,530 webhooks/s instead of 4,260 (+6%), p99 28–34 ms instead of 35–39, and the
-//! process kept 1.42–1.48 cores busy instead of 1.34–1.40. A shorter scheduler slice for them
-//! (`sched_setattr`) changed nothing measurable.
+//! of CPU, about 0.8 ms per fsync, and the writer waited 1.5 s. Reniced to -10 from outside the
+//! process, in 6 alternating 8 s runs of each: the log's fsync took 2.46 ms instead of 2.82 (as
+//! timed by the thread), 4,530 webhooks/s instead of 4,260 (+6%), p99 28–34 ms instead of 35–39,
+//! and the process kept 1.42–1.48 cores busy instead of 1.34–1.40. Built in, against the build
+//! before, 5 runs of each: +4.9% (more in each pair), fsync 2.33 ms instead of 2.70. A shorter
+//! scheduler slice for them (`sched_setattr`) changed nothing measurable, and neither did a lower
+//! priority for the checkpoint thread.
 //!
 //! Raising a priority needs `CAP_SYS_NICE` (root has it) or an `RLIMIT_NICE` allowing it.
 //! Without either the threads run at the priority they were started with, like every other
@@ -17,7 +19,7 @@
 
 /// The nice value the serial threads ask for: ahead of the runtime's threads (nice 0 unless the
 /// process was started otherwise), far from the -20 that would starve them.
-pub(crate) const SERIAL_THREAD_NICE: i32 = -10;
+const SERIAL_THREAD_NICE: i32 = -10;
 
 /// Asks for [`SERIAL_THREAD_NICE`] for the calling thread, the serial `stage` of ingest.
 pub(super) fn raise_for(stage: &'static str) {
