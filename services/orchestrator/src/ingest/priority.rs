@@ -18,7 +18,8 @@
 //! thread, and say so once in the log: ingest works the same, a little slower on a busy machine.
 
 /// The nice value the serial threads ask for: ahead of the runtime's threads (nice 0 unless the
-/// process was started otherwise), far from the -20 that would starve them.
+/// process was started otherwise), short of -20, which would leave those threads next to nothing
+/// of a core while the writer is busy.
 const SERIAL_THREAD_NICE: i32 = -10;
 
 /// Asks for [`SERIAL_THREAD_NICE`] for the calling thread, the serial `stage` of ingest.
