@@ -49,42 +49,24 @@ pub fn parse_hana_body(raw: &[u8]) -> Result<HanaWebhook, HanaBodyError> {
         return Err(HanaBodyError::NotAnObject);
     };
 
-    let application_id = match fields.application.take() {
-        None | Some(Shape::Null) => String::new(),
-        Some(Shape::Object(application)) => {
-            // Keep whatever else Hana sends about the application.
-            fields.keep("application", application.rest);
-            // Ids are opaque strings: strings as they are, numbers in their JSON spelling.
-            match application.key {
-                Some(serde_json::Value::String(id)) => id.trim().to_owned(),
-                Some(serde_json::Value::Number(number)) => number.to_string(),
-                _ => String::new(),
-            }
-        }
-        Some(Shape::Other) => {
-            return Err(HanaBodyError::WrongShape {
-                field: "application",
-                expected: "an object with an `id`",
-            });
-        }
-    };
+    let application = fields.application.take();
+    // Ids are opaque strings: strings as they are, numbers in their JSON spelling.
+    let application_id =
+        match fields.section_key(application, "application", "an object with an `id`")? {
+            Some(serde_json::Value::String(id)) => id.trim().to_owned(),
+            Some(serde_json::Value::Number(number)) => number.to_string(),
+            _ => String::new(),
+        };
     let lead = attributes(fields.lead.take(), "lead")?;
     let opportunity = attributes(fields.opportunity.take(), "opportunity")?;
-    let conversation_url = match fields.conversation.take() {
-        None | Some(Shape::Null) => String::new(),
-        Some(Shape::Object(conversation)) => {
-            fields.keep("conversation", conversation.rest);
-            match conversation.key {
-                Some(serde_json::Value::String(url)) => url.trim().to_owned(),
-                _ => String::new(),
-            }
-        }
-        Some(Shape::Other) => {
-            return Err(HanaBodyError::WrongShape {
-                field: "conversation",
-                expected: "an object with a `conversationUrl`",
-            });
-        }
+    let conversation = fields.conversation.take();
+    let conversation_url = match fields.section_key(
+        conversation,
+        "conversation",
+        "an object with a `conversationUrl`",
+    )? {
+        Some(serde_json::Value::String(url)) => url.trim().to_owned(),
+        _ => String::new(),
     };
     let event_name = match fields.event_name.take() {
         Some(EventName::Text(name)) => name,
@@ -205,6 +187,28 @@ struct TopLevel {
 }
 
 impl TopLevel {
+    /// The key of `section` (`application`'s id, `conversation`'s URL), whatever else it holds
+    /// kept in `extra`; `None` when the section is absent or null, and an error naming what it
+    /// should be (`expected`) when it is not an object.
+    fn section_key(
+        &mut self,
+        section: Option<Shape<Section>>,
+        name: &'static str,
+        expected: &'static str,
+    ) -> Result<Option<serde_json::Value>, HanaBodyError> {
+        match section {
+            None | Some(Shape::Null) => Ok(None),
+            Some(Shape::Object(section)) => {
+                self.keep(name, section.rest);
+                Ok(section.key)
+            }
+            Some(Shape::Other) => Err(HanaBodyError::WrongShape {
+                field: name,
+                expected,
+            }),
+        }
+    }
+
     /// Keeps what remains of a known section in `extra`, when anything does.
     fn keep(&mut self, name: &str, rest: BTreeMap<String, Value>) {
         if !rest.is_empty() {
