@@ -1123,4 +1123,28 @@ mod tests {
         );
         assert_eq!(kind_from_name("update_customer_info"), None);
     }
+
+    /// `.cargo/config.toml` compiles the bundled SQLite without its allocation counters and
+    /// without one page cache shared by every connection. A build that lost those options (the
+    /// file gone, or SQLite linked from elsewhere) fails here instead of quietly slowing the
+    /// ingest writer.
+    #[test]
+    fn the_bundled_sqlite_is_compiled_with_the_repository_options() -> Result<(), rusqlite::Error> {
+        let connection = rusqlite::Connection::open_in_memory()?;
+        let mut statement = connection.prepare("PRAGMA compile_options")?;
+        let options = statement
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        assert!(
+            options.iter().any(|option| option == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            !options
+                .iter()
+                .any(|option| option == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+        Ok(())
+    }
 }
