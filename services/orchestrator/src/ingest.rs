@@ -510,8 +510,12 @@ impl Committer for SqliteCommitter {
         let connection = &mut self.connection;
         // IMMEDIATE takes the write lock up front, so the group never fails half-way for it.
         connection.execute_batch("BEGIN IMMEDIATE")?;
-        let outcomes =
-            group::commit_group(&mut SqliteTransaction(connection), Backend::Sqlite, calls).await;
+        // The group's statements go back to the connection's cache when the transaction value
+        // is dropped, before COMMIT.
+        let outcomes = {
+            let mut transaction = SqliteTransaction::new(connection);
+            group::commit_group(&mut transaction, Backend::Sqlite, calls).await
+        };
         let committed = outcomes.and_then(|outcomes| {
             connection.execute_batch("COMMIT")?;
             Ok(outcomes)

