@@ -32,14 +32,18 @@ fuzz_target!(|data: &[u8]| {
     let _ = hana_id(&webhook.lead);
     let _ = hana_id(&webhook.opportunity);
     let mut lead = Lead::default();
-    map_lead(&mut lead, &webhook.lead, &webhook.conversation_url);
+    map_lead(&mut lead, webhook.lead.clone(), &webhook.conversation_url);
     assert_eq!(
         lead.raw.len(),
         webhook.lead.len(),
         "every attribute is kept"
     );
     let mut deal = Deal::default();
-    map_deal(&mut deal, &webhook.opportunity, &webhook.conversation_url);
+    map_deal(
+        &mut deal,
+        webhook.opportunity.clone(),
+        &webhook.conversation_url,
+    );
     assert_eq!(
         deal.raw.len(),
         webhook.opportunity.len(),

@@ -68,7 +68,7 @@ impl CanonicalEntity for Lead {
     fn apply(&mut self, event: &EventFacts<'_>) {
         let mut attributes = std::mem::take(&mut self.raw);
         mapping::merge(&mut attributes, &event.webhook.lead);
-        mapping::map_lead(self, &attributes, &event.webhook.conversation_url);
+        mapping::map_lead(self, attributes, &event.webhook.conversation_url);
         event.id.clone_into(&mut self.id);
         self.source = Some(event.source());
         match event.kind {
@@ -106,7 +106,7 @@ impl CanonicalEntity for Deal {
     fn apply(&mut self, event: &EventFacts<'_>) {
         let mut attributes = std::mem::take(&mut self.raw);
         mapping::merge(&mut attributes, &event.webhook.opportunity);
-        mapping::map_deal(self, &attributes, &event.webhook.conversation_url);
+        mapping::map_deal(self, attributes, &event.webhook.conversation_url);
         if let Some(lead_id) = event.contact_lead_id {
             lead_id.clone_into(&mut self.contact.get_or_insert_with(ContactRef::default).lead_id);
         }

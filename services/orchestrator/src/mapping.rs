@@ -30,43 +30,48 @@ pub fn hana_id(attributes: &Attributes) -> String {
 
 /// Merges `update` into `stored`: attributes in the update replace stored ones, others stay.
 pub fn merge(stored: &mut Attributes, update: &Attributes) {
+    // Room for every attribute at once: filled one by one, a new entity's map grew, and so was
+    // rehashed, several times per event.
+    stored.reserve(update.len());
     for (name, attribute) in update {
         stored.insert(name.clone(), attribute.clone());
     }
 }
 
-/// Maps a lead's attributes onto `lead`, replacing every mapped field.
-pub fn map_lead(lead: &mut Lead, attributes: &Attributes, conversation_url: &str) {
-    lead.name = text(attributes, "baseName");
-    lead.emails = texts(attributes, "baseEmail");
-    lead.phones = texts(attributes, "basePhonenumber");
+/// Maps a lead's attributes onto `lead`, replacing every mapped field, and keeps them as its
+/// `raw` (taken, not copied: the ingest writer maps every event it stores).
+pub fn map_lead(lead: &mut Lead, attributes: Attributes, conversation_url: &str) {
+    lead.name = text(&attributes, "baseName");
+    lead.emails = texts(&attributes, "baseEmail");
+    lead.phones = texts(&attributes, "basePhonenumber");
     lead.birthday = attributes.get("baseBirthday").and_then(date_of);
-    lead.gender = match text(attributes, "baseGender").to_lowercase().as_str() {
+    lead.gender = match text(&attributes, "baseGender").to_lowercase().as_str() {
         "" => Gender::Unspecified,
         "female" | "nữ" | "nu" | "f" => Gender::Female,
         "male" | "nam" | "m" => Gender::Male,
         _ => Gender::Other,
     }
     .into();
-    lead.funnel_status = text(attributes, "baseFunnelStatus");
-    lead.source_channels = texts(attributes, "baseSourceInput");
-    lead.source_type = text(attributes, "sourceType");
+    lead.funnel_status = text(&attributes, "baseFunnelStatus");
+    lead.source_channels = texts(&attributes, "baseSourceInput");
+    lead.source_type = text(&attributes, "sourceType");
     if !conversation_url.is_empty() {
         lead.conversation_url = conversation_url.to_owned();
     }
-    lead.custom_fields = custom_fields(attributes);
-    lead.raw = attributes.clone();
+    lead.custom_fields = custom_fields(&attributes);
+    lead.raw = attributes;
 }
 
-/// Maps an opportunity's attributes onto `deal`, replacing every mapped field. The status is left
-/// to the caller (it follows events, not attributes).
-pub fn map_deal(deal: &mut Deal, attributes: &Attributes, conversation_url: &str) {
-    deal.title = text(attributes, "baseName");
+/// Maps an opportunity's attributes onto `deal`, replacing every mapped field, and keeps them as
+/// its `raw` (taken, not copied). The status is left to the caller (it follows events, not
+/// attributes).
+pub fn map_deal(deal: &mut Deal, attributes: Attributes, conversation_url: &str) {
+    deal.title = text(&attributes, "baseName");
     deal.value = attributes.get("dealValue").and_then(|attribute| {
         let amount = decimal(preferred(attribute))?;
         Some(Money {
             amount,
-            currency_code: text(attributes, "dealCurrency").to_uppercase(),
+            currency_code: text(&attributes, "dealCurrency").to_uppercase(),
         })
     });
     deal.contact = Some(ContactRef {
@@ -75,9 +80,9 @@ pub fn map_deal(deal: &mut Deal, attributes: &Attributes, conversation_url: &str
             .as_ref()
             .map(|contact| contact.lead_id.clone())
             .unwrap_or_default(),
-        email: text(attributes, "leadEmail"),
-        phone: text(attributes, "leadPhonenumber"),
-        name: text(attributes, "leadName"),
+        email: text(&attributes, "leadEmail"),
+        phone: text(&attributes, "leadPhonenumber"),
+        name: text(&attributes, "leadName"),
     });
     deal.expected_close_date = attributes.get("expectedCloseDate").and_then(date_of);
     if deal.status == DealStatus::Unspecified as i32 {
@@ -86,8 +91,8 @@ pub fn map_deal(deal: &mut Deal, attributes: &Attributes, conversation_url: &str
     if !conversation_url.is_empty() {
         deal.conversation_url = conversation_url.to_owned();
     }
-    deal.custom_fields = custom_fields(attributes);
-    deal.raw = attributes.clone();
+    deal.custom_fields = custom_fields(&attributes);
+    deal.raw = attributes;
 }
 
 /// The value to read: the normalised one, unless it is missing or null.
@@ -317,8 +322,8 @@ mod tests {
             ),
         ]);
         let mut lead = Lead::default();
-        map_lead(&mut lead, &attributes, "https://bot.hana.ai/apps/x/chats/y");
         assert_eq!(hana_id(&attributes), "e734c76a-52ca-44f0-a21e8e1fe627c308");
+        map_lead(&mut lead, attributes, "https://bot.hana.ai/apps/x/chats/y");
         assert_eq!(lead.name, "Toan Truyen");
         assert_eq!(lead.emails, ["toan@example.com"]);
         assert_eq!(lead.phones, ["0978712200"]);
@@ -388,7 +393,7 @@ mod tests {
             ),
         ]);
         let mut deal = Deal::default();
-        map_deal(&mut deal, &attributes, "");
+        map_deal(&mut deal, attributes, "");
         assert_eq!(deal.title, "Cập nhật ticket");
         assert_eq!(
             deal.value.as_ref().map(|money| money.amount.as_str()),
@@ -422,7 +427,7 @@ mod tests {
             &attributes(&[("baseName", "New".into(), "New".into())]),
         );
         let mut lead = Lead::default();
-        map_lead(&mut lead, &stored, "");
+        map_lead(&mut lead, stored, "");
         assert_eq!(lead.name, "New");
         assert_eq!(lead.emails, ["a@example.com"]);
     }
