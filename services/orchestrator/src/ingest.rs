@@ -507,7 +507,7 @@ impl Committer for SqliteCommitter {
         &mut self,
         calls: &[&CheckedCall],
     ) -> Result<Vec<IngestOutcome>, IngestError> {
-        let connection = &mut self.connection;
+        let connection = &self.connection;
         // IMMEDIATE takes the write lock up front, so the group never fails half-way for it.
         connection.execute_batch("BEGIN IMMEDIATE")?;
         // The group's statements go back to the connection's cache when the transaction value
