@@ -30,6 +30,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The webhook body as received: `Bytes`, so the gateway hands over the buffer it read
         // instead of copying it, and keeps it for a resend at the cost of a reference count.
         .bytes(".leadrelay.v1.IngestHanaEventRequest.raw_body")
+        // Maps as `BTreeMap`: Hana's ~10 attributes per record are found by a few string
+        // comparisons instead of a SipHash each, and a map encodes in key order, so the same
+        // record always encodes to the same bytes. Measured in the ingest benchmark (callgrind):
+        // 2.0k fewer instructions per webhook in the gateway and 2.2k in the orchestrator's
+        // stream reader, the ingest writer unchanged; about 1% of a webhook's work.
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

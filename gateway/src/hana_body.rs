@@ -303,7 +303,7 @@ impl<'de> ReadObject<'de> for SectionReader {
 }
 
 /// `lead` or `opportunity`: attributes by name.
-type Attributes = std::collections::HashMap<String, RawAttribute>;
+type Attributes = std::collections::BTreeMap<String, RawAttribute>;
 
 /// Reads the attributes of `lead` or `opportunity`.
 struct AttributesReader;

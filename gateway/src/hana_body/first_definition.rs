@@ -74,7 +74,7 @@ fn opaque_id(value: Option<Value>) -> String {
 fn attributes(
     value: Option<Value>,
     field: &str,
-) -> Result<std::collections::HashMap<String, RawAttribute>, String> {
+) -> Result<std::collections::BTreeMap<String, RawAttribute>, String> {
     let attributes: Map<String, Value> = match value {
         None | Some(Value::Null) => return Ok(Default::default()),
         Some(Value::Object(attributes)) => attributes,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use leadrelay_proto::{
     hana::v1::{
@@ -28,9 +28,9 @@ async fn serve_adapter(server: &MockServer) -> HanaAdapterServiceClient<Channel>
     )
 }
 
-fn attributes(values: Value) -> HashMap<String, prost_types::Value> {
+fn attributes(values: Value) -> BTreeMap<String, prost_types::Value> {
     let Value::Object(fields) = values else {
-        return HashMap::new();
+        return BTreeMap::new();
     };
     fields
         .into_iter()

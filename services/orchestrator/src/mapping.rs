@@ -4,7 +4,7 @@
 //! its attributes into the stored ones and the entity is mapped again), so a field is never half
 //! updated and `raw` always holds what Hana last said about every attribute.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate};
 use leadrelay_proto::{
@@ -17,7 +17,7 @@ use leadrelay_proto::{
 use serde_json::Value;
 
 /// Hana's attribute map, by attribute name.
-pub type Attributes = HashMap<String, RawAttribute>;
+pub type Attributes = BTreeMap<String, RawAttribute>;
 
 /// The id of a lead or opportunity (`id` attribute), as an opaque string; empty when missing.
 pub fn hana_id(attributes: &Attributes) -> String {
@@ -30,9 +30,6 @@ pub fn hana_id(attributes: &Attributes) -> String {
 
 /// Merges `update` into `stored`: attributes in the update replace stored ones, others stay.
 pub fn merge(stored: &mut Attributes, update: &Attributes) {
-    // Room for every attribute at once: filled one by one, a new entity's map grew, and so was
-    // rehashed, several times per event.
-    stored.reserve(update.len());
     for (name, attribute) in update {
         stored.insert(name.clone(), attribute.clone());
     }
@@ -195,7 +192,7 @@ pub fn parse_hana_datetime(text: &str) -> Option<DateTime<FixedOffset>> {
 
 /// Custom attributes (`cf_<type>_<name>`), typed by the type in their name, or by their JSON
 /// shape when the type is one LeadRelay does not know.
-fn custom_fields(attributes: &Attributes) -> HashMap<String, FieldValue> {
+fn custom_fields(attributes: &Attributes) -> BTreeMap<String, FieldValue> {
     attributes
         .iter()
         .filter(|(name, _)| name.starts_with("cf_"))

@@ -104,7 +104,7 @@ struct Contact {
 /// The custom fields `mappings` fill from `raw` attributes, by Pipedrive field key. Text and
 /// numbers go as they are; a list (e.g. several sources) becomes comma-separated text.
 fn mapped_custom_fields(
-    raw: &std::collections::HashMap<String, leadrelay_proto::v1::RawAttribute>,
+    raw: &std::collections::BTreeMap<String, leadrelay_proto::v1::RawAttribute>,
     mappings: &[FieldMapping],
 ) -> Map<String, Value> {
     mappings

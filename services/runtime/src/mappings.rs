@@ -131,7 +131,7 @@ pub struct Mappings {
 /// The value of attribute `name` in `raw`: the normalised value unless it is missing or null,
 /// else the raw one; `None` when the attribute is absent or null either way.
 pub fn attribute_value(
-    raw: &std::collections::HashMap<String, RawAttribute>,
+    raw: &std::collections::BTreeMap<String, RawAttribute>,
     name: &str,
 ) -> Option<Value> {
     let attribute = raw.get(name)?;
