@@ -8,7 +8,7 @@ use leadrelay_orchestrator::{
 };
 use leadrelay_proto::{
     json::to_proto_value,
-    v1::{HanaEventKind, HanaWebhook, Lead, RawAttribute, System},
+    v1::{Deal, HanaEventKind, HanaWebhook, Lead, RawAttribute, System},
 };
 use leadrelay_runtime::{config::DatabaseUrl, metrics::metrics};
 use leadrelay_testkit::{TestDatabase, relay::TcpRelay};
@@ -42,6 +42,39 @@ fn call_in(application_id: &str, kind: HanaEventKind, lead_id: &str, name: &str)
         received_at_ms: 1_700_000_000_000,
         trace_context: None,
     }
+}
+
+/// `opportunity.created` for the Hana ticket `ticket_id`, whose `lead` section names `lead_id`.
+fn ticket(ticket_id: &str, lead_id: &str) -> HanaCall {
+    let mut created = call(HanaEventKind::OpportunityCreated, lead_id, "Contact");
+    if let Ok(webhook) = &mut created.body {
+        webhook.opportunity = [("id", ticket_id), ("baseName", "Ticket")]
+            .into_iter()
+            .map(|(name, value)| {
+                let value = to_proto_value(value.into());
+                let attribute = RawAttribute {
+                    normalized: Some(value.clone()),
+                    raw: Some(value),
+                };
+                (name.to_owned(), attribute)
+            })
+            .collect();
+    }
+    created.raw_body = format!(
+        r#"{{"application":{{"id":"app"}},"lead":{{"id":"{lead_id}","baseName":"Contact"}},"opportunity":{{"id":"{ticket_id}","baseName":"Ticket"}}}}"#
+    )
+    .into_bytes()
+    .into();
+    created
+}
+
+/// The deal created from the Hana ticket `hana_id`, if any.
+async fn deal_by_hana_id(store: &Store, hana_id: &str) -> Result<Option<Deal>, StoreError> {
+    let key = EntityKey::Remote {
+        system: System::Hana,
+        remote_id: hana_id.to_owned(),
+    };
+    queries::get_deal(store.pool(), &key).await
 }
 
 /// The lead created from the Hana lead `hana_id`, if any.
@@ -179,6 +212,39 @@ async fn hana_ids_are_found_under_each_application(store: Store) -> TestResult {
     Ok(())
 }
 
+/// A ticket whose `lead` section names a stored lead gets that lead as its contact; one naming a
+/// lead LeadRelay has not seen gets none. (Leads have no contact: their own events never look one
+/// up.)
+async fn tickets_name_their_stored_contact_lead(store: Store) -> TestResult {
+    let ingester =
+        Ingester::start(store.clone(), IngestPolicy::default()).expect("the ingest writer starts");
+    ingester
+        .ingest(call(HanaEventKind::LeadCreated, "contact-lead", "Contact"))
+        .await?;
+    let lead = lead_by_hana_id(&store, "contact-lead")
+        .await?
+        .ok_or("the lead was not stored")?;
+    let (known, unknown) = tokio::join!(
+        ingester.ingest(ticket("ticket-known", "contact-lead")),
+        ingester.ingest(ticket("ticket-unknown", "never-seen")),
+    );
+    assert!(!known?.quarantined && !unknown?.quarantined);
+    for (ticket_id, contact) in [("ticket-known", lead.id.as_str()), ("ticket-unknown", "")] {
+        let deal = deal_by_hana_id(&store, ticket_id)
+            .await?
+            .ok_or("the deal was not stored")?;
+        assert_eq!(deal.title, "Ticket");
+        assert_eq!(
+            deal.contact
+                .map(|contact| contact.lead_id)
+                .unwrap_or_default(),
+            contact,
+            "{ticket_id}"
+        );
+    }
+    Ok(())
+}
+
 /// Updates of one lead queued one after another apply in that order, however the writer cuts
 /// them into groups. Each round is cut at least once: 300 calls are more than one group holds
 /// (256), so they enter the writer's queue as two batches and commit in two groups.
@@ -279,6 +345,7 @@ async fn sqlite_groups_behave_like_single_commits() -> TestResult {
     calls_sharing_a_group(store.clone()).await?;
     hana_ids_are_found_under_each_application(store.clone()).await?;
     redeliveries_are_recognised_under_either_key(store.clone()).await?;
+    tickets_name_their_stored_contact_lead(store.clone()).await?;
     updates_apply_in_arrival_order_across_groups(store).await
 }
 
@@ -290,6 +357,7 @@ async fn postgres_groups_behave_like_single_commits() -> TestResult {
     calls_sharing_a_group(store.clone()).await?;
     hana_ids_are_found_under_each_application(store.clone()).await?;
     redeliveries_are_recognised_under_either_key(store.clone()).await?;
+    tickets_name_their_stored_contact_lead(store.clone()).await?;
     updates_apply_in_arrival_order_across_groups(store.clone()).await?;
     store.close().await;
     database.drop_database().await

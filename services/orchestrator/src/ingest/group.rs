@@ -854,17 +854,23 @@ async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
                 })
             }
         };
-        let contact_key = source_key(
-            &call.valid.webhook.application_id,
-            &mapping::hana_id(&call.valid.webhook.lead),
-        );
+        // Only a ticket names a contact lead; a lead's own section would only name itself.
+        let contact_lead_id = if E::HAS_CONTACT {
+            let contact_key = source_key(
+                &call.valid.webhook.application_id,
+                &mapping::hana_id(&call.valid.webhook.lead),
+            );
+            contacts.get(&contact_key).map(String::as_str)
+        } else {
+            None
+        };
         entry.entity.apply(&EventFacts {
             id: &entry.id,
             is_new: entry.is_new,
             kind: call.valid.kind,
             webhook: call.valid.webhook,
             hana_id: &call.valid.hana_id,
-            contact_lead_id: contacts.get(&contact_key).map(String::as_str),
+            contact_lead_id,
             now,
         });
     }
