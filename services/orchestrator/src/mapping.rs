@@ -22,7 +22,7 @@ pub type Attributes = BTreeMap<String, RawAttribute>;
 /// The id of a lead or opportunity (`id` attribute), as an opaque string; empty when missing.
 pub fn hana_id(attributes: &Attributes) -> String {
     match attributes.get("id").map(preferred) {
-        Some(Value::String(id)) => id.trim().to_owned(),
+        Some(Value::String(id)) => trimmed(id),
         Some(Value::Number(number)) => number.to_string(),
         _ => String::new(),
     }
@@ -105,9 +105,20 @@ fn preferred(attribute: &RawAttribute) -> Value {
     }
 }
 
+/// `text` without the whitespace around it; in its own buffer when it has none, as a Hana value
+/// nearly always has (the writer maps every event it stores).
+fn trimmed(text: String) -> String {
+    let inner = text.trim();
+    if inner.len() == text.len() {
+        text
+    } else {
+        inner.to_owned()
+    }
+}
+
 fn text(attributes: &Attributes, name: &str) -> String {
     match attributes.get(name).map(preferred) {
-        Some(Value::String(text)) => text.trim().to_owned(),
+        Some(Value::String(text)) => trimmed(text),
         Some(Value::Number(number)) => number.to_string(),
         Some(Value::Array(items)) => items
             .iter()
@@ -130,7 +141,7 @@ fn texts(attributes: &Attributes, name: &str) -> Vec<String> {
     values
         .into_iter()
         .filter_map(|value| match value {
-            Value::String(text) => Some(text.trim().to_owned()),
+            Value::String(text) => Some(trimmed(text)),
             Value::Number(number) => Some(number.to_string()),
             _ => None,
         })
@@ -427,5 +438,25 @@ mod tests {
         map_lead(&mut lead, stored, "");
         assert_eq!(lead.name, "New");
         assert_eq!(lead.emails, ["a@example.com"]);
+    }
+
+    #[test]
+    fn texts_lose_the_whitespace_around_them_and_keep_the_rest() {
+        let attributes = attributes(&[
+            ("id", " 42 ".into(), " 42 ".into()),
+            ("baseName", "  Toan  Truyen\t".into(), "x".into()),
+            ("sourceType", "Zalo".into(), "Zalo".into()),
+            (
+                "baseEmail",
+                serde_json::json!([" a@example.com", "b@example.com", "  "]),
+                Value::Null,
+            ),
+        ]);
+        assert_eq!(hana_id(&attributes), "42");
+        let mut lead = Lead::default();
+        map_lead(&mut lead, attributes, "");
+        assert_eq!(lead.name, "Toan  Truyen");
+        assert_eq!(lead.source_type, "Zalo");
+        assert_eq!(lead.emails, ["a@example.com", "b@example.com"]);
     }
 }
