@@ -660,16 +660,19 @@ async fn select_by_source_keys<T: GroupTransaction>(
     }
 }
 
+/// The source key of the lead a ticket's `lead` section names; `None` when it names none.
+fn contact_key(call: &Accepted<'_>) -> Option<String> {
+    let hana_id = mapping::hana_id(&call.valid.webhook.lead);
+    (!hana_id.is_empty()).then(|| source_key(&call.valid.webhook.application_id, &hana_id))
+}
+
 /// Ids of the stored leads that tickets in the group name in their `lead` section, by source key.
 async fn contact_leads<T: GroupTransaction>(
     transaction: &mut T,
     sql: Sql,
     deal_calls: &[&Accepted<'_>],
 ) -> Result<HashMap<String, String>, IngestError> {
-    let keys = distinct(deal_calls.iter().filter_map(|call| {
-        let hana_id = mapping::hana_id(&call.valid.webhook.lead);
-        (!hana_id.is_empty()).then(|| source_key(&call.valid.webhook.application_id, &hana_id))
-    }));
+    let keys = distinct(deal_calls.iter().filter_map(|call| contact_key(call)));
     let rows = select_by_source_keys(
         transaction,
         sql,
@@ -856,11 +859,9 @@ async fn apply_entities<E: CanonicalEntity, T: GroupTransaction>(
         };
         // Only a ticket names a contact lead; a lead's own section would only name itself.
         let contact_lead_id = if E::HAS_CONTACT {
-            let contact_key = source_key(
-                &call.valid.webhook.application_id,
-                &mapping::hana_id(&call.valid.webhook.lead),
-            );
-            contacts.get(&contact_key).map(String::as_str)
+            contact_key(call)
+                .and_then(|key| contacts.get(&key))
+                .map(String::as_str)
         } else {
             None
         };
