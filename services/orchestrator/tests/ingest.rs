@@ -3,6 +3,7 @@
 use leadrelay_orchestrator::{
     IngestPolicy, Store, StoreError,
     ingest::{HanaCall, Ingester},
+    mapping::Attributes,
     queries::{self, EntityKey},
     store::Backend,
 };
@@ -19,17 +20,24 @@ fn call(kind: HanaEventKind, lead_id: &str, name: &str) -> HanaCall {
     call_in("app", kind, lead_id, name)
 }
 
+/// A Hana record section: each attribute's normalised and raw values both `value`.
+fn section(pairs: [(&str, &str); 2]) -> Attributes {
+    pairs
+        .into_iter()
+        .map(|(name, value)| {
+            let attribute = RawAttribute {
+                normalized: Some(to_proto_value(value.into())),
+                raw: Some(to_proto_value(value.into())),
+            };
+            (name.to_owned(), attribute)
+        })
+        .collect()
+}
+
 fn call_in(application_id: &str, kind: HanaEventKind, lead_id: &str, name: &str) -> HanaCall {
-    let attribute = |value: &str| RawAttribute {
-        normalized: Some(to_proto_value(value.into())),
-        raw: Some(to_proto_value(value.into())),
-    };
     let webhook = HanaWebhook {
         application_id: application_id.to_owned(),
-        lead: [("id", lead_id), ("baseName", name)]
-            .into_iter()
-            .map(|(attribute_name, value)| (attribute_name.to_owned(), attribute(value)))
-            .collect(),
+        lead: section([("id", lead_id), ("baseName", name)]),
         ..Default::default()
     };
     let raw_body = format!(
@@ -48,17 +56,7 @@ fn call_in(application_id: &str, kind: HanaEventKind, lead_id: &str, name: &str)
 fn ticket(ticket_id: &str, lead_id: &str) -> HanaCall {
     let mut created = call(HanaEventKind::OpportunityCreated, lead_id, "Contact");
     if let Ok(webhook) = &mut created.body {
-        webhook.opportunity = [("id", ticket_id), ("baseName", "Ticket")]
-            .into_iter()
-            .map(|(name, value)| {
-                let value = to_proto_value(value.into());
-                let attribute = RawAttribute {
-                    normalized: Some(value.clone()),
-                    raw: Some(value),
-                };
-                (name.to_owned(), attribute)
-            })
-            .collect();
+        webhook.opportunity = section([("id", ticket_id), ("baseName", "Ticket")]);
     }
     created.raw_body = format!(
         r#"{{"application":{{"id":"app"}},"lead":{{"id":"{lead_id}","baseName":"Contact"}},"opportunity":{{"id":"{ticket_id}","baseName":"Ticket"}}}}"#
@@ -68,22 +66,22 @@ fn ticket(ticket_id: &str, lead_id: &str) -> HanaCall {
     created
 }
 
-/// The deal created from the Hana ticket `hana_id`, if any.
-async fn deal_by_hana_id(store: &Store, hana_id: &str) -> Result<Option<Deal>, StoreError> {
-    let key = EntityKey::Remote {
+/// The key an entity is found by from the Hana record `hana_id` that created it.
+fn hana_key(hana_id: &str) -> EntityKey {
+    EntityKey::Remote {
         system: System::Hana,
         remote_id: hana_id.to_owned(),
-    };
-    queries::get_deal(store.pool(), &key).await
+    }
+}
+
+/// The deal created from the Hana ticket `hana_id`, if any.
+async fn deal_by_hana_id(store: &Store, hana_id: &str) -> Result<Option<Deal>, StoreError> {
+    queries::get_deal(store.pool(), &hana_key(hana_id)).await
 }
 
 /// The lead created from the Hana lead `hana_id`, if any.
 async fn lead_by_hana_id(store: &Store, hana_id: &str) -> Result<Option<Lead>, StoreError> {
-    let key = EntityKey::Remote {
-        system: System::Hana,
-        remote_id: hana_id.to_owned(),
-    };
-    queries::get_lead(store.pool(), &key).await
+    queries::get_lead(store.pool(), &hana_key(hana_id)).await
 }
 
 async fn calls_sharing_a_group(store: Store) -> TestResult {
