@@ -8,10 +8,10 @@
 //! the canonical text is written into one buffer and hashed in one piece. The hash must never
 //! change: events are stored under it, and a redelivery of an event stored by an earlier version
 //! must still match. The tests compare it with the canonical text of a `serde_json::Value`, which
-//! it was first defined as. One body differs: an object whose first name is serde_json's private raw-value token
-//! (`$serde_json::private::RawValue`), which a `Value` reads as the JSON text inside its string
-//! (the `raw_value` feature is on in the workspace). Here it is an object like any other; no Hana
-//! body names that token.
+//! it was first defined as. One body differs: an object whose first name is serde_json's private
+//! raw-value token (`$serde_json::private::RawValue`), which a `Value` reads as the JSON text
+//! inside its string (the `raw_value` feature is on in the workspace). Here it is an object like
+//! any other; no Hana body names that token.
 
 use std::{borrow::Cow, fmt, io::Write as _};
 
@@ -28,8 +28,9 @@ pub(super) fn content_hash(kind: HanaEventKind, webhook: &HanaWebhook, raw_body:
     }
     match serde_json::from_slice::<Json<'_>>(raw_body) {
         Ok(json) => {
-            // The canonical text is about as long as the body. Hashed in one piece: fed to the
-            // hasher piece by piece, a few bytes at a time, it cost more than the hashing.
+            // The canonical text is about as long as the body. It is hashed in one piece: the
+            // hasher's bookkeeping for its ~150 small pieces (names, values, punctuation) cost
+            // more than writing them into a buffer.
             let mut canonical = Vec::with_capacity(raw_body.len());
             json.write(&mut canonical);
             hasher.update(&canonical);
