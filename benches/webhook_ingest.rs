@@ -184,10 +184,12 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis((user + system) * 10))
 }
 
-/// A Hana-shaped lead id, distinct for every `sequence`. Hana's ids are random UUIDs (the seed's
-/// sample is `dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2`), so each new lead lands on a page of its own
-/// in the index that finds a lead by its Hana id; ids that grow with `sequence` would put
-/// consecutive leads on a few pages and make the store look cheaper than Hana's traffic makes it.
+/// A Hana-shaped lead id, distinct for every `sequence`. Hana's ids are random hex in UUID-like
+/// groups (the seed's sample lead id is `e734c76a-52ca-44f0-a21e8e1fe627c308`; its application
+/// id, `dbd9a5f7-b3c4-45bb-a8eb-2b8e10bff8c2`, is a random UUID too), so each new lead lands on
+/// a page of its own in the index that finds a lead by its Hana id; ids that grow with `sequence`
+/// would put consecutive leads on a few pages and make the store look cheaper than Hana's traffic
+/// makes it.
 /// Measured on 2026-12-02 (SQLite, two alternating pairs of runs): with growing ids the writer
 /// took 29–30 µs per webhook instead of 35–36 and wrote 10.1 KiB of log instead of 14.4, and
 /// the share of the bare endpoint was 21.6–21.8% instead of 18.6–19.4%.
